@@ -1,0 +1,30 @@
+"""Shared fixtures: a tokenizer and a tiny model made locally, loaded through `from_pretrained`.
+
+Nothing here downloads: the hub is unreachable in CI and on developer machines.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from orpo_dist.synthetic import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`builtin:tiny` saved as an ordinary HF checkpoint (safetensors + tokenizer)."""
+    from orpo_dist.synthetic import save_builtin_model
+
+    return save_builtin_model("builtin:tiny", tmp_path_factory.mktemp("tiny_model"))
