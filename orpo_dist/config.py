@@ -120,7 +120,10 @@ class TrainConfig:
     run_name: str | None = None
     wandb_project: str = "orpo_dist"
     resume: str | None = None
-    """`true`/`latest` = resume from the newest complete checkpoint in output_dir, or a checkpoint path."""
+    """`auto`: newest complete checkpoint in output_dir if any, else start fresh (use on SLURM);
+    `latest` / `true`: that checkpoint, which must exist; or a checkpoint path."""
+    eval_on_start: bool = True
+    """Evaluate before the first step, so the log shows the starting held-out preference accuracy."""
     group_by_length: bool = False
     """Shard so ranks get similar token counts per step (fewer stragglers)."""
     eval_batch_size: int | None = None

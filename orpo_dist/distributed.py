@@ -1,0 +1,140 @@
+"""Everything rank-aware lives here; the rest of the package is written as if single-process.
+
+Pitfalls handled where they bite:
+- On CPU, several launch spellings silently give one process, or N unconnected processes that each
+  think they are rank 0. `check_world_size` compares what the launcher asked for with the process
+  group we got and stops loudly on a mismatch.
+- DeepSpeed on CPU needs the gloo backend (its batch-size check fails otherwise).
+- Every rank must run the same number of forward/backward calls per optimizer step, or DDP /
+  ZeRO collectives hang: `PairShards` gives every rank exactly `accumulation` micro-batches per
+  step, padding the ragged last step with zero-weight filler pairs instead of dropping pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from orpo_dist.config import Config
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    kwargs = []
+    launched = "LOCAL_RANK" in os.environ  # set by accelerate launch / torchrun / deepspeed, not by python
+    if launched and not torch.cuda.is_available():
+        kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+    log_with = None if cfg.train.log == "none" else cfg.train.log
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation,
+        log_with=log_with,
+        project_dir=cfg.train.output_dir,
+        kwargs_handlers=kwargs,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        # our dataloader is not passed to prepare(), so tell DeepSpeed the micro-batch itself
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation
+        ds["train_batch_size"] = cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
+        if cfg.train.max_grad_norm > 0:
+            ds["gradient_clipping"] = cfg.train.max_grad_norm
+    return accelerator
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Fail if the launcher asked for more processes than joined the process group."""
+    asked = int(os.environ.get("WORLD_SIZE", "1"))
+    got = accelerator.num_processes
+    if asked != got:
+        raise RuntimeError(
+            f"the launcher started WORLD_SIZE={asked} processes but the process group has {got}: the ranks are "
+            "not connected. On a CPU-only machine launch with ACCELERATE_USE_CPU=true and --multi_gpu "
+            "(or a DeepSpeed config); `accelerate launch --cpu` and MULTI_CPU configs do not connect ranks."
+        )
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """ZeRO-3 or FSDP: parameters are split across ranks."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def describe(accelerator: Accelerator, cfg: Config) -> str:
+    t = cfg.train
+    return (
+        f"world_size={accelerator.num_processes} distributed={accelerator.distributed_type.value} "
+        f"per_device_batch={t.batch_size} gradient_accumulation={t.gradient_accumulation} "
+        f"global_batch={t.batch_size * t.gradient_accumulation * accelerator.num_processes} pairs/step"
+    )
+
+
+def all_sum(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Sum a float tensor over ranks (metrics and loss normalisers are sums, never rank 0's mean)."""
+    if accelerator.num_processes == 1:
+        return values
+    return accelerator.reduce(values.to(accelerator.device), reduction="sum")
+
+
+class PairShards:
+    """Which pairs each rank trains on, step by step, epoch by epoch (deterministic from the seed).
+
+    Step s of an epoch takes the next `global_batch` pairs of that epoch's permutation and deals them
+    to the `world * accumulation` micro-batch slots; rank r owns slots r*accum .. r*accum+accum-1.
+    So ranks see disjoint pairs, the union over ranks is the whole split, a pair's chosen and rejected
+    stay together, and the global batch of a step does not depend on how it is split over ranks.
+    A slot left empty by the ragged last step gets one filler pair with weight 0.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, accumulation: int, world: int, rank: int,
+                 seed: int, shuffle: bool = True, group_by_length: bool = False):
+        self.lengths, self.batch_size, self.accumulation = lengths, batch_size, accumulation
+        self.world, self.rank, self.seed = world, rank, seed
+        self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.global_batch = batch_size * accumulation * world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.lengths) // self.global_batch)
+
+    def order(self, epoch: int) -> list[int]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        if self.group_by_length:  # sort within blocks of 16 global batches: similar lengths share a step
+            block = 16 * self.global_batch
+            order = [i for s in range(0, n, block) for i in sorted(order[s : s + block], key=self.lengths.__getitem__)]
+            steps = [order[s : s + self.global_batch] for s in range(0, n, self.global_batch)]
+            perm = torch.randperm(len(steps), generator=g).tolist()  # but visit the steps in random order
+            order = [i for p in perm for i in steps[p]]
+        return order
+
+    def step_slots(self, pairs: list[int]) -> list[list[int]]:
+        """Deal one step's pairs to all world*accum slots, round-robin (by length if grouping)."""
+        slots_n = self.world * self.accumulation
+        if self.group_by_length:
+            pairs = sorted(pairs, key=self.lengths.__getitem__, reverse=True)
+            # snake order: slot token counts stay balanced
+            slots = [[] for _ in range(slots_n)]
+            for i, p in enumerate(pairs):
+                lap, j = divmod(i, slots_n)
+                slots[j if lap % 2 == 0 else slots_n - 1 - j].append(p)
+            return slots
+        return [pairs[j::slots_n] for j in range(slots_n)]
+
+    def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, list[tuple[int, float]]]]:
+        """Yield (step_in_epoch, [(pair_index, weight), ...]) for this rank's micro-batches."""
+        order = self.order(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            pairs = order[step * self.global_batch : (step + 1) * self.global_batch]
+            slots = self.step_slots(pairs)
+            for micro in range(self.accumulation):
+                slot = slots[self.rank * self.accumulation + micro]
+                yield step, [(i, 1.0) for i in slot] if slot else [(pairs[0], 0.0)]

@@ -1,0 +1,143 @@
+"""The ORPO objective as pure functions of tensors (Hong, Lee & Thorne 2024, arXiv 2403.07691).
+
+    logp(y|x)  = mean over completion tokens of log P(token | prefix)
+    log_odds   = (logp_w - logp_l) - (log1mexp(logp_w) - log1mexp(logp_l))
+    L          = L_NLL + beta * mean(-logsigmoid(log_odds))
+
+Everything here returns *sums* and *counts* rather than means, so the trainer can normalise by the
+token and pair counts of the whole accumulated, all-rank batch: k micro-batches then give exactly the
+gradient of one k-times-larger batch (a per-micro-batch mean would weight short batches too much).
+
+Log-probs are computed only at the positions the loss needs, `chunk_size` positions at a time, each
+chunk under activation checkpointing: the float32 `[positions, vocab]` logits exist for one chunk at
+a time in forward and backward, never for the whole `[2*batch, seq, vocab]` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+LN_HALF = -math.log(2.0)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stable in float32 on both sides of -ln 2 (Maechler 2012).
+
+    Near 0, 1 - exp(x) cancels, so use log(-expm1(x)); far below, exp(x) is tiny, so log1p(-exp(x)).
+    `torch.where` evaluates both branches, so each is fed only inputs where it is finite.
+    """
+    x = x.float().clamp(max=-1e-7)  # logp == 0 exactly (a certain completion) would give -inf
+    near_zero = x > LN_HALF
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(torch.where(near_zero, x, LN_HALF))),
+        torch.log1p(-torch.exp(torch.where(near_zero, LN_HALF, x))),
+    )
+
+
+def odds_ratio(chosen_logps: Tensor, rejected_logps: Tensor) -> tuple[Tensor, Tensor]:
+    """Per pair: (-logsigmoid(log_odds), log_odds), in float32."""
+    chosen_logps, rejected_logps = chosen_logps.float(), rejected_logps.float()
+    log_odds = (chosen_logps - rejected_logps) - (log1mexp(chosen_logps) - log1mexp(rejected_logps))
+    return -F.logsigmoid(log_odds), log_odds
+
+
+def _chunk_logps(hidden: Tensor, targets: Tensor, lm_head: nn.Module) -> Tensor:
+    logits = lm_head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_size: int = 1024) -> Tensor:
+    """log P(targets[i] | hidden[i]) for `hidden` [N, H], in float32, `chunk_size` rows at a time."""
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_chunk_logps, h, t, lm_head, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(h, t, lm_head))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+@dataclass
+class OrpoParts:
+    """Sums over one micro-batch; the trainer divides by all-rank counts (see module docstring)."""
+
+    nll_sum: Tensor  # sum of -log P over NLL tokens (weighted)
+    nll_tokens: Tensor  # number of NLL tokens (weighted)
+    or_sum: Tensor  # sum over pairs of -logsigmoid(log_odds) (weighted)
+    pairs: Tensor  # number of real pairs (sum of pair weights)
+    chosen_logps: Tensor  # [B] per-pair length-normalised log-probs
+    rejected_logps: Tensor  # [B]
+    log_odds: Tensor  # [B]
+    pair_weight: Tensor  # [B] 1 for a real pair, 0 for a filler that keeps ranks in step
+
+    def loss(self, beta: float, nll_tokens: Tensor | float | None = None, pairs: Tensor | float | None = None):
+        """L_NLL + beta * L_OR, normalised by the given counts (default: this micro-batch's own)."""
+        nll_tokens = self.nll_tokens if nll_tokens is None else nll_tokens
+        pairs = self.pairs if pairs is None else pairs
+        return self.nll_sum / nll_tokens + beta * self.or_sum / pairs
+
+    def metric_sums(self, beta: float) -> dict[str, Tensor]:
+        """Per-pair metric sums (divide by `pairs`), named as TRL logs them."""
+        w = self.pair_weight
+        chosen_r, rejected_r = beta * self.chosen_logps.detach(), beta * self.rejected_logps.detach()
+        log_odds = self.log_odds.detach()
+        return {
+            "rewards/chosen": (w * chosen_r).sum(),
+            "rewards/rejected": (w * rejected_r).sum(),
+            "rewards/margins": (w * (chosen_r - rejected_r)).sum(),
+            "rewards/accuracies": (w * (chosen_r > rejected_r).float()).sum(),
+            "logps/chosen": (w * self.chosen_logps.detach()).sum(),
+            "logps/rejected": (w * self.rejected_logps.detach()).sum(),
+            "log_odds_ratio": (w * F.logsigmoid(log_odds)).sum(),
+            "log_odds_chosen": (w * log_odds).sum(),
+        }
+
+
+def orpo_parts(token_lp: Tensor, batch: dict[str, Tensor]) -> OrpoParts:
+    """Combine per-position log-probs into ORPO sums, for any batch layout.
+
+    `batch` describes each scored position i (see collate.py): `seq[i]` is the sequence (0..B-1
+    chosen, B..2B-1 rejected) whose completion token it scores, or -1; `nll[i]` whether it counts in
+    the NLL term; `pair[i]` its pair; `pair_weight` [B].
+    """
+    seq, nll, pair, w = batch["seq"], batch["nll"], batch["pair"], batch["pair_weight"].float()
+    num_pairs = w.shape[0]
+    scored = seq >= 0
+    sums = token_lp.new_zeros(2 * num_pairs).index_add(0, seq[scored], token_lp[scored])
+    counts = token_lp.new_zeros(2 * num_pairs).index_add(0, seq[scored], torch.ones_like(token_lp[scored]))
+    # collate drops pairs with an empty completion, so counts > 0; clamp only guards filler rows
+    logps = sums / counts.clamp(min=1)
+    chosen, rejected = logps[:num_pairs], logps[num_pairs:]
+    or_loss, log_odds = odds_ratio(chosen, rejected)
+    tok_w = w[pair] * nll.float()
+    return OrpoParts(
+        nll_sum=-(token_lp * tok_w).sum(),
+        nll_tokens=tok_w.sum(),
+        or_sum=(or_loss * w).sum(),
+        pairs=w.sum(),
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        log_odds=log_odds,
+        pair_weight=w,
+    )
+
+
+def forward_parts(model: nn.Module, lm_head: nn.Module, batch: dict[str, Tensor], chunk_size: int) -> OrpoParts:
+    """One forward of the (possibly wrapped) model; log-probs only at the scored positions.
+
+    The model is called through its wrapper (DDP / DeepSpeed / PEFT hooks must run) with
+    `logits_to_keep=1`, so it projects one position to the vocabulary; we take the final hidden states
+    and project just the positions the loss needs, in chunks.
+    """
+    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out = model(**model_inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden = out.hidden_states[-1].flatten(0, 1)[batch["pos"]]
+    return orpo_parts(token_logps(hidden, lm_head, batch["tgt"], chunk_size), batch)

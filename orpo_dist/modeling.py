@@ -1,0 +1,157 @@
+"""Loading the model to train: full, LoRA, QLoRA (bitsandbytes), or Unsloth's fast path.
+
+The backend choice is made once, logged with its reason, and never silently changes what is
+trained: asking for `unsloth` where it cannot run is an error; `auto` falls back to transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from orpo_dist.config import Config
+from orpo_dist.synthetic import BUILTIN_PREFIX, save_builtin_model
+
+log = logging.getLogger("orpo_dist")
+
+# Architectures Unsloth's FastLanguageModel patches (model_type in config.json).
+UNSLOTH_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "cohere", "granite"}
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """`builtin:*` models are written once under output_dir (call on the main process first)."""
+    name = cfg.model.model
+    if name.startswith(BUILTIN_PREFIX):
+        return str(save_builtin_model(name, Path(cfg.train.output_dir) / "base_model", seed=cfg.train.seed))
+    return name
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(cfg: Config) -> torch.dtype:
+    """`auto`: bf16 base for LoRA/QLoRA on a bf16-capable GPU; otherwise fp32 master weights."""
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and cfg.lora.peft:
+        return torch.bfloat16
+    return torch.float32
+
+
+def choose_backend(cfg: Config, num_processes: int, model_type: str | None) -> tuple[str, str]:
+    """Return (backend, reason). Unsloth only with 1 process, CUDA, a supported arch, and PEFT."""
+    blockers = []
+    if importlib.util.find_spec("unsloth") is None:
+        blockers.append("unsloth is not installed (pip install unsloth)")
+    if num_processes > 1:
+        blockers.append(f"{num_processes} processes (Unsloth is single-GPU only)")
+    if not torch.cuda.is_available():
+        blockers.append("no CUDA GPU")
+    if model_type not in UNSLOTH_ARCHS:
+        blockers.append(f"architecture {model_type!r} is not one Unsloth patches ({sorted(UNSLOTH_ARCHS)})")
+    if not cfg.lora.peft:
+        blockers.append("peft is off (the Unsloth path trains LoRA/QLoRA adapters)")
+    if cfg.model.backend == "hf":
+        return "hf", "backend: hf requested"
+    if cfg.model.backend == "unsloth":
+        if blockers:
+            raise RuntimeError("backend: unsloth cannot run here: " + "; ".join(blockers) + ". Use backend: auto or hf.")
+        return "unsloth", "backend: unsloth requested"
+    if blockers:
+        return "hf", "auto: transformers + PEFT because " + "; ".join(blockers)
+    return "unsloth", "auto: Unsloth is installed, 1 process, CUDA, supported architecture"
+
+
+def quantization_config(cfg: Config, distributed_sharded: bool):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.lora.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        # ZeRO-3 / FSDP flatten parameters of one dtype: store the 4-bit data in the compute dtype
+        bnb_4bit_quant_storage=compute if distributed_sharded else torch.uint8,
+    )
+
+
+def load_model(cfg: Config, path: str, num_processes: int, device: torch.device, sharded: bool = False):
+    """Build the trainable model. `sharded`: ZeRO-3 or FSDP will shard the parameters."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
+    backend, reason = choose_backend(cfg, num_processes, model_type)
+    log.info("model backend: %s (%s)", backend, reason)
+    if backend == "unsloth":
+        return _load_unsloth(cfg, path)
+
+    kwargs = dict(dtype=torch_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.lora.quantization:
+        if sharded and cfg.lora.quantization == "int8":
+            raise RuntimeError("quantization: int8 cannot be sharded by ZeRO-3/FSDP; use int4 (QLoRA) or ZeRO-2/DDP.")
+        kwargs["quantization_config"] = quantization_config(cfg, sharded)
+        if not sharded:  # bnb quantises while loading onto the target device
+            kwargs["device_map"] = {"": device.index if device.type == "cuda" else str(device)}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+
+    if cfg.lora.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**_lora_kwargs(cfg), task_type="CAUSAL_LM"))
+    return model
+
+
+def _lora_kwargs(cfg: Config) -> dict:
+    targets = cfg.lora.target_modules
+    return dict(
+        r=cfg.lora.lora_r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=cfg.lora.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+    )
+
+
+def _load_unsloth(cfg: Config, path: str):  # pragma: no cover - needs CUDA + unsloth (GPU machine)
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=path,
+        max_seq_length=cfg.data.max_length,
+        dtype=None if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype),
+        load_in_4bit=cfg.lora.quantization == "int4",
+        load_in_8bit=cfg.lora.quantization == "int8",
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    kwargs = _lora_kwargs(cfg)
+    if kwargs["target_modules"] == "all-linear":
+        kwargs["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return FastLanguageModel.get_peft_model(
+        model,
+        **kwargs,
+        use_gradient_checkpointing="unsloth" if cfg.model.gradient_checkpointing else False,
+        random_state=cfg.train.seed,
+    )
