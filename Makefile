@@ -1,0 +1,10 @@
+# The README's commands.
+.PHONY: quickstart test lint bench
+quickstart:
+	bash scripts/quickstart.sh
+test:
+	bash scripts/test.sh
+lint:
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+bench:
+	.venv/bin/python bench/orpo_bench.py --device cpu

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The default test suite (CPU): sets up .venv if needed, then runs every test not marked gpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TRL_EXPERIMENTAL_SILENCE=1
+python -m pytest -m "not gpu" -q -ra --durations=15 "$@"
