@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -169,6 +170,16 @@ class Trainer:
         batch = self.collate(examples)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
+    def trace(self, batches) -> None:
+        """ORPO_DIST_TRACE_DIR=dir: each rank records the pair ids it trained on (for tests and audits)."""
+        trace_dir = os.environ.get("ORPO_DIST_TRACE_DIR")
+        if trace_dir:
+            ids = [int(i) for b in batches for i, w in zip(b["ids"], b["pair_weight"]) if w > 0]
+            row = {"rank": self.accelerator.process_index, "world_size": self.accelerator.num_processes,
+                   "step": self.progress.global_step + 1, "ids": ids}
+            with open(Path(trace_dir) / f"rank{self.accelerator.process_index}.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     def parts(self, batch):
         return forward_parts(self.model, self.lm_head, batch, self.cfg.orpo.logps_chunk_size)
 
@@ -266,6 +277,7 @@ class Trainer:
             micro = self.shards.micro_batches(self.progress.epoch, self.progress.step_in_epoch)
             for _ in range(self.progress.step_in_epoch, steps_per_epoch):
                 batches = [self.batches(self.train_ds, next(micro)[1]) for _ in range(accum)]
+                self.trace(batches)
                 # normalise by the whole step's token and pair counts, over all micro-batches and ranks,
                 # so accumulation and data parallelism give the gradient of one big batch
                 nll_tokens, pairs = dist.all_sum(acc, sum(self.counts(b) for b in batches)).tolist()
@@ -366,8 +378,6 @@ def _keep_trainable_only(models, weights, output_dir) -> None:
 
 
 def _init_tracker(acc, cfg: Config) -> None:
-    import os
-
     if cfg.train.log == "wandb" and not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
         os.environ.setdefault("WANDB_MODE", "offline")
         print("[orpo_dist] wandb: no API key found; logging offline to ./wandb (sync later with `wandb sync`)",
