@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[orpo_dist] %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernel notice, not actionable
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         cfg, preset = parse(argv)
