@@ -73,8 +73,9 @@ class OrpoConfig:
     """Tokens in the chosen NLL term: prompt + completion (paper, TRL) or completion only (LLaMA-Factory)."""
     logps_chunk_size: int = 1024
     """Token positions per chunk when computing log-probs; the vocab-wide logits exist for one chunk at a time."""
-    layout: Literal["padded", "packed"] = "padded"
-    """Batch layout: `padded` (chosen and rejected padded to one length) or `packed` (no pad tokens)."""
+    layout: Literal["padded", "packed", "shared_prefix"] = "padded"
+    """Batch layout: `padded` (chosen and rejected padded to one length), `packed` (no pad tokens), or
+    `shared_prefix` (no pad tokens, each prompt run once; needs sdpa, eager or flex_attention)."""
 
 
 @dataclass
@@ -370,9 +371,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             _set(cfg, key, value)
         except ConfigError as e:
             errors.append(str(e))
+    errors += _problems(cfg)  # every problem at once: bad values and bad combinations
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
-    cfg.validate()
     return cfg
 
 

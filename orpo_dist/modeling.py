@@ -125,6 +125,33 @@ def load_model(cfg: Config, path: str, num_processes: int, device: torch.device,
     return model
 
 
+class _LogitTransform(torch.nn.Module):
+    """The logit post-processing some architectures apply after lm_head (softcap, scale)."""
+
+    def __init__(self, softcap: float | None, scale: float):
+        super().__init__()
+        self.softcap, self.scale = softcap, scale
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits * self.scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def output_head(model) -> torch.nn.Module:
+    """lm_head plus whatever the model does to its logits after it, so our chunked log-probs equal
+    the model's own: Gemma 2/3 soft-cap (`final_logit_softcapping`), Cohere multiplies by
+    `logit_scale`, Granite divides by `logits_scaling`."""
+    head = model.get_output_embeddings()
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    if softcap or scale != 1.0:
+        return torch.nn.Sequential(head, _LogitTransform(softcap, scale))
+    return head
+
+
 def _lora_kwargs(cfg: Config) -> dict:
     targets = cfg.lora.target_modules
     return dict(

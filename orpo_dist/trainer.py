@@ -27,7 +27,7 @@ from orpo_dist.collate import make_collator
 from orpo_dist.config import Config
 from orpo_dist.data import build_datasets
 from orpo_dist.loss import forward_parts
-from orpo_dist.modeling import load_model, load_tokenizer, resolve_model_path
+from orpo_dist.modeling import load_model, load_tokenizer, output_head, resolve_model_path
 
 log = logging.getLogger("orpo_dist")
 PREEMPTED_EXIT_CODE = 3
@@ -63,10 +63,16 @@ class TrainResult:
 class Preemption:
     """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: save at the next step boundary."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __enter__(self):
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():  # a Python-API caller gets its handlers back
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -137,7 +143,7 @@ class Trainer:
         )
         # the scheduler is stepped by hand once per optimizer step (prepare() would step it per process)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
-        self.lm_head = acc.unwrap_model(self.model).get_output_embeddings()
+        self.lm_head = output_head(acc.unwrap_model(self.model))
         self.progress = Progress()
         acc.register_for_checkpointing(self.scheduler, self.progress)
         if cfg.lora.peft and acc.distributed_type != DistributedType.DEEPSPEED:
@@ -261,9 +267,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
-        acc, cfg, t = self.accelerator, self.cfg, self.cfg.train
         self.maybe_resume()
-        preempt = Preemption()
+        with Preemption() as preempt:
+            return self._train(preempt)
+
+    def _train(self, preempt: Preemption) -> TrainResult:
+        acc, cfg, t = self.accelerator, self.cfg, self.cfg.train
         if t.eval_on_start and self.progress.global_step == 0:
             self.log_eval(step=0)
         self.model.train()
@@ -288,8 +297,8 @@ class Trainer:
                         p = self.parts(batch)
                         loss = p.loss(cfg.orpo.beta, nll_tokens, pairs) * scale
                         acc.backward(loss)
-                        if acc.sync_gradients and t.max_grad_norm > 0:
-                            grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                        if acc.sync_gradients:  # max_grad_norm 0: measure the norm, don't clip
+                            grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm or math.inf)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     window.add(_sums(p, batch, cfg.orpo.beta))
@@ -314,11 +323,14 @@ class Trainer:
                 epoch_end = self.progress.step_in_epoch == 0
                 if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and epoch_end):
                     self.log_eval(step)
-                if t.save_steps and step % t.save_steps == 0 and step < self.total_steps:
+                saved = bool(t.save_steps and step % t.save_steps == 0 and step < self.total_steps)
+                if saved:
                     self.save_checkpoint()
+                # every rank must agree to stop, or the others hang in the next collective
                 if dist.all_sum(acc, torch.tensor([float(preempt.requested)])).item() > 0:
                     bar.close()
-                    self.save_checkpoint()
+                    if not saved:
+                        self.save_checkpoint()
                     self.log(f"preempted: checkpoint saved at step {step}; exit {PREEMPTED_EXIT_CODE} (resume with --resume auto)")
                     return TrainResult(self.out, step, None, self.rows, preempted=True)
                 if step >= self.total_steps:

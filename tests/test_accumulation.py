@@ -23,19 +23,6 @@ from orpo_dist.trainer import Trainer
 BETA = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_and_own_signals():
-    """Tiny tensors: one intra-op thread (on a shared 2-core box the default is ~100x slower).
-    In-process training installs SIGUSR1/SIGTERM handlers (trainer.Preemption): give pytest its own back."""
-    threads = torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for s, handler in handlers.items():
-        signal.signal(s, handler)
-
-
 def _pair(tokenizer, prompt, chosen, rejected, i):
     eos = tokenizer.eos_token_id
     return {

@@ -25,13 +25,6 @@ from orpo_dist.loss import LN_HALF, forward_parts, log1mexp, odds_ratio, orpo_pa
 E = math.e
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (on a shared 2-core box the default is ~100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ (a) log1mexp
@@ -616,3 +609,39 @@ def test_data_pipeline_never_yields_an_empty_completion(tmp_path, tokenizer):
         DataConfig(data_path=str(path), eval_split=0.0, skip_invalid=True), tokenizer, 0
     )
     assert len(train) == 1 and sum(report.dropped.values()) == 1
+
+
+# ------------------------------------------------------------------ logit transforms after lm_head
+
+
+def _arch_model(kind: str, vocab: int):
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    if kind == "gemma2":  # softcap 3 so it really bends the logits of a random model
+        return Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0))
+    if kind == "cohere":
+        return CohereForCausalLM(CohereConfig(**common, logit_scale=0.25))
+    return GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0))
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "granite"])
+def test_forward_parts_applies_the_models_logit_transform(tokenizer, kind):
+    """Soft-capping / logit scaling after lm_head must be in our log-probs, or the loss is wrong."""
+    from orpo_dist.modeling import output_head
+
+    torch.manual_seed(0)
+    model = _arch_model(kind, len(tokenizer)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    examples = _examples(tokenizer)
+    batch = PaddedCollator(tokenizer.pad_token_id)(examples)
+    want = brute_force(model, examples, 0.25, "prompt_completion", tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = forward_parts(model, output_head(model), batch, 7)
+        bare = forward_parts(model, model.lm_head, batch, 7)
+    assert ours.loss(0.25).item() == pytest.approx(want["loss"].item(), abs=1e-5)
+    assert abs(bare.loss(0.25).item() - want["loss"].item()) > 1e-3  # the head alone would be wrong

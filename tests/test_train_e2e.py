@@ -56,16 +56,12 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    """In-process runs install SIGUSR1/SIGTERM handlers (trainer.Preemption); give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+def test_training_restores_the_callers_signal_handlers(tmp_path):
+    """trainer.Preemption hands SIGUSR1/SIGTERM back after training (Python-API callers stay stoppable)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    run = {**E2E_CONFIG, "max_samples": 32, "max_steps": 1, "eval_split": 0, "output_dir": str(tmp_path)}
+    orpo_dist.train(run)
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 # ------------------------------------------------------------------------------------------ the quickstart-like run

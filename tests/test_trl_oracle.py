@@ -25,13 +25,6 @@ from orpo_dist.synthetic import case_rule_pairs  # noqa: E402
 BETA = 0.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (on a shared 2-core box the default is ~100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 METRICS = [
