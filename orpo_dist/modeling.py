@@ -19,7 +19,18 @@ from orpo_dist.synthetic import BUILTIN_PREFIX, save_builtin_model
 log = logging.getLogger("orpo_dist")
 
 # Architectures Unsloth's FastLanguageModel patches (model_type in config.json).
-UNSLOTH_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "cohere", "granite"}
+UNSLOTH_ARCHS = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "cohere",
+    "granite",
+}
 
 
 def resolve_model_path(cfg: Config) -> str:
@@ -63,7 +74,9 @@ def choose_backend(cfg: Config, num_processes: int, model_type: str | None) -> t
         return "hf", "backend: hf requested"
     if cfg.model.backend == "unsloth":
         if blockers:
-            raise RuntimeError("backend: unsloth cannot run here: " + "; ".join(blockers) + ". Use backend: auto or hf.")
+            raise RuntimeError(
+                "backend: unsloth cannot run here: " + "; ".join(blockers) + ". Use backend: auto or hf."
+            )
         return "unsloth", "backend: unsloth requested"
     if blockers:
         return "hf", "auto: transformers + PEFT because " + "; ".join(blockers)
@@ -75,7 +88,9 @@ def quantization_config(cfg: Config, distributed_sharded: bool):
 
     if cfg.lora.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    compute = (
+        torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -101,7 +116,9 @@ def load_model(cfg: Config, path: str, num_processes: int, device: torch.device,
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.lora.quantization:
         if sharded and cfg.lora.quantization == "int8":
-            raise RuntimeError("quantization: int8 cannot be sharded by ZeRO-3/FSDP; use int4 (QLoRA) or ZeRO-2/DDP.")
+            raise RuntimeError(
+                "quantization: int8 cannot be sharded by ZeRO-3/FSDP; use int4 (QLoRA) or ZeRO-2/DDP."
+            )
         kwargs["quantization_config"] = quantization_config(cfg, sharded)
         if not sharded:  # bnb quantises while loading onto the target device
             kwargs["device_map"] = {"": device.index if device.type == "cuda" else str(device)}
@@ -146,7 +163,9 @@ def output_head(model) -> torch.nn.Module:
     head = model.get_output_embeddings()
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)
-    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(
+        getattr(config, "logits_scaling", None) or 1.0
+    )
     if softcap or scale != 1.0:
         return torch.nn.Sequential(head, _LogitTransform(softcap, scale))
     return head
@@ -175,7 +194,15 @@ def _load_unsloth(cfg: Config, path: str):  # pragma: no cover - needs CUDA + un
     )
     kwargs = _lora_kwargs(cfg)
     if kwargs["target_modules"] == "all-linear":
-        kwargs["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        kwargs["target_modules"] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     return FastLanguageModel.get_peft_model(
         model,
         **kwargs,

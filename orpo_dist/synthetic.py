@@ -37,7 +37,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char, newlines too
+    tok.pre_tokenizer = pre_tokenizers.Split(
+        Regex(r"[\s\S]"), behavior="isolated"
+    )  # every char, newlines too
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
@@ -81,7 +83,9 @@ def save_builtin_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 
     size = name.removeprefix(BUILTIN_PREFIX)
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown built-in model {name!r}; choose one of {[BUILTIN_PREFIX + s for s in MODEL_SIZES]}")
+        raise ValueError(
+            f"unknown built-in model {name!r}; choose one of {[BUILTIN_PREFIX + s for s in MODEL_SIZES]}"
+        )
     out = Path(out_dir)
     if (out / "config.json").exists():
         return out
@@ -117,5 +121,7 @@ BUILTIN_DATASETS = {"case_rule": case_rule_pairs}
 def builtin_pairs(name: str, seed: int = 0) -> list[dict[str, str]]:
     key = name.removeprefix(BUILTIN_PREFIX)
     if key not in BUILTIN_DATASETS:
-        raise ValueError(f"unknown built-in dataset {name!r}; choose one of {[BUILTIN_PREFIX + k for k in BUILTIN_DATASETS]}")
+        raise ValueError(
+            f"unknown built-in dataset {name!r}; choose one of {[BUILTIN_PREFIX + k for k in BUILTIN_DATASETS]}"
+        )
     return BUILTIN_DATASETS[key](seed=seed)

@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     from orpo_dist.trainer import exit_code, run
 
     if preset:
-        print(f"[orpo_dist] no --config given: running the built-in quickstart ({quickstart_preset()})", flush=True)
+        print(
+            f"[orpo_dist] no --config given: running the built-in quickstart ({quickstart_preset()})",
+            flush=True,
+        )
     try:
         return exit_code(run(cfg))
     except DataError as e:

@@ -32,8 +32,16 @@ from orpo_dist.modeling import load_model, load_tokenizer, output_head, resolve_
 log = logging.getLogger("orpo_dist")
 PREEMPTED_EXIT_CODE = 3
 COMPLETE_MARKER = "COMPLETE"
-METRIC_KEYS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-               "logps/rejected", "log_odds_ratio", "log_odds_chosen"]
+METRIC_KEYS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "log_odds_ratio",
+    "log_odds_chosen",
+]
 
 
 @dataclass
@@ -91,7 +99,9 @@ class MetricWindow:
 
     def reduce(self, accelerator, beta: float, prefix: str = "") -> dict[str, float]:
         keys = sorted(self.sums)
-        total = dist.all_sum(accelerator, torch.stack([torch.as_tensor(self.sums[k]).to(accelerator.device) for k in keys]))
+        total = dist.all_sum(
+            accelerator, torch.stack([torch.as_tensor(self.sums[k]).to(accelerator.device) for k in keys])
+        )
         s = dict(zip(keys, total.tolist()))
         self.sums = {}
         pairs = max(s["pairs"], 1.0)
@@ -122,15 +132,28 @@ class Trainer:
         for line in report.lines():
             self.log(line)
 
-        self.model = load_model(cfg, self.model_path, acc.num_processes, acc.device, sharded=dist.is_sharded(acc))
+        self.model = load_model(
+            cfg, self.model_path, acc.num_processes, acc.device, sharded=dist.is_sharded(acc)
+        )
         if cfg.lora.peft and acc.is_main_process:
             self.model.print_trainable_parameters()
         self.collate = make_collator(cfg.orpo.layout, self.tokenizer.pad_token_id, cfg.orpo.nll_scope)
-        lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(
-            self.train_ds["prompt_ids"], self.train_ds["chosen_ids"], self.train_ds["rejected_ids"])]
+        lengths = [
+            len(p) + max(len(c), len(r))
+            for p, c, r in zip(
+                self.train_ds["prompt_ids"], self.train_ds["chosen_ids"], self.train_ds["rejected_ids"]
+            )
+        ]
         t = cfg.train
-        self.shards = dist.PairShards(lengths, t.batch_size, t.gradient_accumulation, acc.num_processes,
-                                      acc.process_index, t.seed, group_by_length=t.group_by_length)
+        self.shards = dist.PairShards(
+            lengths,
+            t.batch_size,
+            t.gradient_accumulation,
+            acc.num_processes,
+            acc.process_index,
+            t.seed,
+            group_by_length=t.group_by_length,
+        )
         steps_per_epoch = self.shards.steps_per_epoch
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
         self.num_epochs = math.ceil(self.total_steps / steps_per_epoch)
@@ -138,7 +161,9 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = get_scheduler(
-            t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * self.total_steps),
+            t.scheduler,
+            optimizer,
+            num_warmup_steps=int(t.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
         # the scheduler is stepped by hand once per optimizer step (prepare() would step it per process)
@@ -171,8 +196,16 @@ class Trainer:
     # ---------------------------------------------------------------- batches
     def batches(self, dataset, pairs: list[tuple[int, float]]) -> dict[str, torch.Tensor]:
         rows = dataset[[i for i, _ in pairs]]
-        examples = [dict(id=rows["id"][j], prompt_ids=rows["prompt_ids"][j], chosen_ids=rows["chosen_ids"][j],
-                         rejected_ids=rows["rejected_ids"][j], weight=w) for j, (_, w) in enumerate(pairs)]
+        examples = [
+            dict(
+                id=rows["id"][j],
+                prompt_ids=rows["prompt_ids"][j],
+                chosen_ids=rows["chosen_ids"][j],
+                rejected_ids=rows["rejected_ids"][j],
+                weight=w,
+            )
+            for j, (_, w) in enumerate(pairs)
+        ]
         batch = self.collate(examples)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
@@ -181,8 +214,12 @@ class Trainer:
         trace_dir = os.environ.get("ORPO_DIST_TRACE_DIR")
         if trace_dir:
             ids = [int(i) for b in batches for i, w in zip(b["ids"], b["pair_weight"]) if w > 0]
-            row = {"rank": self.accelerator.process_index, "world_size": self.accelerator.num_processes,
-                   "step": self.progress.global_step + 1, "ids": ids}
+            row = {
+                "rank": self.accelerator.process_index,
+                "world_size": self.accelerator.num_processes,
+                "step": self.progress.global_step + 1,
+                "ids": ids,
+            }
             with open(Path(trace_dir) / f"rank{self.accelerator.process_index}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -202,8 +239,15 @@ class Trainer:
             return {}
         acc, t = self.accelerator, self.cfg.train
         self.model.eval()
-        shards = dist.PairShards([0] * len(self.eval_ds), t.eval_batch_size or t.batch_size, 1, acc.num_processes,
-                                 acc.process_index, t.seed, shuffle=False)
+        shards = dist.PairShards(
+            [0] * len(self.eval_ds),
+            t.eval_batch_size or t.batch_size,
+            1,
+            acc.num_processes,
+            acc.process_index,
+            t.seed,
+            shuffle=False,
+        )
         window = MetricWindow()
         for _, pairs in shards.micro_batches(0):
             batch = self.batches(self.eval_ds, pairs)
@@ -241,7 +285,7 @@ class Trainer:
     def rotate_checkpoints(self) -> None:
         limit = self.cfg.train.save_total_limit
         done = complete_checkpoints(self.out)
-        for old in done[: -limit] if limit else []:
+        for old in done[:-limit] if limit else []:
             shutil.rmtree(old, ignore_errors=True)
 
     def maybe_resume(self) -> None:
@@ -259,11 +303,19 @@ class Trainer:
         else:
             path = Path(resume)
             if not (path / COMPLETE_MARKER).exists():
-                raise FileNotFoundError(f"resume: {path} is not a complete checkpoint (no {COMPLETE_MARKER} file)")
-        kwargs = {} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": not self.cfg.lora.peft}
+                raise FileNotFoundError(
+                    f"resume: {path} is not a complete checkpoint (no {COMPLETE_MARKER} file)"
+                )
+        kwargs = (
+            {}
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED
+            else {"strict": not self.cfg.lora.peft}
+        )
         self.accelerator.load_state(str(path / "state"), **kwargs)
-        self.log(f"resumed from {path} at step {self.progress.global_step} "
-                 f"(epoch {self.progress.epoch}, step {self.progress.step_in_epoch} of it)")
+        self.log(
+            f"resumed from {path} at step {self.progress.global_step} "
+            f"(epoch {self.progress.epoch}, step {self.progress.step_in_epoch} of it)"
+        )
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
@@ -276,8 +328,13 @@ class Trainer:
         if t.eval_on_start and self.progress.global_step == 0:
             self.log_eval(step=0)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.progress.global_step, disable=not acc.is_main_process,
-                   desc="orpo", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.progress.global_step,
+            disable=not acc.is_main_process,
+            desc="orpo",
+            dynamic_ncols=True,
+        )
         window, t0, grad_norm = MetricWindow(), time.perf_counter(), None
         steps_per_epoch, accum = self.shards.steps_per_epoch, t.gradient_accumulation
         stop = self.progress.global_step >= self.total_steps
@@ -298,7 +355,9 @@ class Trainer:
                         loss = p.loss(cfg.orpo.beta, nll_tokens, pairs) * scale
                         acc.backward(loss)
                         if acc.sync_gradients:  # max_grad_norm 0: measure the norm, don't clip
-                            grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm or math.inf)
+                            grad_norm = acc.clip_grad_norm_(
+                                self.model.parameters(), t.max_grad_norm or math.inf
+                            )
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     window.add(_sums(p, batch, cfg.orpo.beta))
@@ -314,7 +373,9 @@ class Trainer:
                     row = window.reduce(acc, cfg.orpo.beta)
                     elapsed = time.perf_counter() - t0
                     row["tokens_per_second"] = row.pop("num_tokens") / max(elapsed, 1e-9)
-                    row.update(step=step, epoch=step / steps_per_epoch, learning_rate=self.scheduler.get_last_lr()[0])
+                    row.update(
+                        step=step, epoch=step / steps_per_epoch, learning_rate=self.scheduler.get_last_lr()[0]
+                    )
                     if grad_norm is not None:
                         row["grad_norm"] = float(grad_norm)
                     self.write_metrics(row)
@@ -331,7 +392,9 @@ class Trainer:
                     bar.close()
                     if not saved:
                         self.save_checkpoint()
-                    self.log(f"preempted: checkpoint saved at step {step}; exit {PREEMPTED_EXIT_CODE} (resume with --resume auto)")
+                    self.log(
+                        f"preempted: checkpoint saved at step {step}; exit {PREEMPTED_EXIT_CODE} (resume with --resume auto)"
+                    )
                     return TrainResult(self.out, step, None, self.rows, preempted=True)
                 if step >= self.total_steps:
                     stop = True
@@ -356,23 +419,33 @@ class Trainer:
         metrics = self.evaluate()
         if metrics:
             self.write_metrics({"step": step, **metrics})
-            self.log(f"step {step}: held-out preference accuracy {metrics['eval_rewards/accuracies']:.3f} "
-                     f"(eval_loss {metrics['eval_loss']:.4f}, {len(self.eval_ds)} pairs)")
+            self.log(
+                f"step {step}: held-out preference accuracy {metrics['eval_rewards/accuracies']:.3f} "
+                f"(eval_loss {metrics['eval_loss']:.4f}, {len(self.eval_ds)} pairs)"
+            )
 
     def run_export(self, final: Path) -> None:
         """Merge / GGUF on rank 0 only; the other ranks wait."""
         if self.accelerator.is_main_process:
             from orpo_dist.export import export
 
-            written = export(final, self.out / "export", self.cfg.export.export, gguf_quant=self.cfg.export.gguf_quant)
+            written = export(
+                final, self.out / "export", self.cfg.export.export, gguf_quant=self.cfg.export.gguf_quant
+            )
             for fmt, path in written.items():
                 self.log(f"exported {fmt}: {path}")
         self.accelerator.wait_for_everyone()
 
 
 def _sums(p, batch, beta: float) -> dict[str, torch.Tensor]:
-    return {**p.metric_sums(beta), "nll_sum": p.nll_sum.detach(), "nll_tokens": p.nll_tokens,
-            "or_sum": p.or_sum.detach(), "pairs": p.pairs, "num_tokens": batch["num_tokens"].float()}
+    return {
+        **p.metric_sums(beta),
+        "nll_sum": p.nll_sum.detach(),
+        "nll_tokens": p.nll_tokens,
+        "or_sum": p.or_sum.detach(),
+        "pairs": p.pairs,
+        "num_tokens": batch["num_tokens"].float(),
+    }
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
@@ -392,9 +465,15 @@ def _keep_trainable_only(models, weights, output_dir) -> None:
 def _init_tracker(acc, cfg: Config) -> None:
     if cfg.train.log == "wandb" and not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
         os.environ.setdefault("WANDB_MODE", "offline")
-        print("[orpo_dist] wandb: no API key found; logging offline to ./wandb (sync later with `wandb sync`)",
-              flush=True)
-    init_kwargs = {"wandb": {"name": cfg.train.run_name, "dir": cfg.train.output_dir}} if cfg.train.log == "wandb" else {}
+        print(
+            "[orpo_dist] wandb: no API key found; logging offline to ./wandb (sync later with `wandb sync`)",
+            flush=True,
+        )
+    init_kwargs = (
+        {"wandb": {"name": cfg.train.run_name, "dir": cfg.train.output_dir}}
+        if cfg.train.log == "wandb"
+        else {}
+    )
     acc.init_trackers(cfg.train.wandb_project, config=_flat_config(cfg), init_kwargs=init_kwargs)
 
 
@@ -404,8 +483,12 @@ def _wandb_logged_in() -> bool:
 
 
 def _flat_config(cfg: Config) -> dict:
-    return {k: v for section in cfg.to_dict().values() for k, v in section.items()
-            if isinstance(v, (int, float, str, bool)) or v is None}
+    return {
+        k: v
+        for section in cfg.to_dict().values()
+        for k, v in section.items()
+        if isinstance(v, (int, float, str, bool)) or v is None
+    }
 
 
 def run(cfg: Config) -> TrainResult:

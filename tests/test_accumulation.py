@@ -9,7 +9,6 @@ micro-batches more, and gives a different gradient whenever the micro-batches di
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch

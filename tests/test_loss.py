@@ -25,8 +25,6 @@ from orpo_dist.loss import LN_HALF, forward_parts, log1mexp, odds_ratio, orpo_pa
 E = math.e
 
 
-
-
 # ------------------------------------------------------------------------------------------ (a) log1mexp
 
 
@@ -615,11 +613,24 @@ def test_data_pipeline_never_yields_an_empty_completion(tmp_path, tokenizer):
 
 
 def _arch_model(kind: str, vocab: int):
-    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
-    from transformers import GraniteConfig, GraniteForCausalLM
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
 
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     if kind == "gemma2":  # softcap 3 so it really bends the logits of a random model
         return Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0))
     if kind == "cohere":

@@ -75,7 +75,12 @@ def test_int8_under_zero3_is_refused_with_a_reason(tiny_model_dir):
 def test_unsloth_style_keys_map_to_ours():
     cfg = load_config(
         None,
-        {"load_in_4bit": True, "max_seq_length": 2048, "use_gradient_checkpointing": "unsloth", "use_peft": True},
+        {
+            "load_in_4bit": True,
+            "max_seq_length": 2048,
+            "use_gradient_checkpointing": "unsloth",
+            "use_peft": True,
+        },
     )
     assert cfg.lora.quantization == "int4" and cfg.data.max_length == 2048
     assert cfg.model.gradient_checkpointing is True and cfg.lora.peft is True
