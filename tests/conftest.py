@@ -39,3 +39,17 @@ def tiny_model_dir(tmp_path_factory):
     from orpo_dist.synthetic import save_builtin_model
 
     return save_builtin_model("builtin:tiny", tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    """The tiny model in float32, its random init nudged so per-token log-probs differ visibly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()

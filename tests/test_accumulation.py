@@ -63,18 +63,6 @@ def _micro_batches(tokenizer):
     return micro
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m.eval()
-
-
 def _grads(model, losses_fn) -> torch.Tensor:
     model.zero_grad()
     losses_fn()
@@ -83,7 +71,8 @@ def _grads(model, losses_fn) -> torch.Tensor:
     return flat
 
 
-def test_accumulated_gradient_equals_one_big_batch(model, tokenizer):
+def test_accumulated_gradient_equals_one_big_batch(tiny_model, tokenizer):
+    model = tiny_model
     collate = PaddedCollator(tokenizer.pad_token_id)
     micro = [collate(m) for m in _micro_batches(tokenizer)]
     big = collate([ex for m in _micro_batches(tokenizer) for ex in m])
@@ -112,7 +101,8 @@ def test_accumulated_gradient_equals_one_big_batch(model, tokenizer):
     assert (got - want).abs().max() < 1e-3 * (naive - want).abs().max()
 
 
-def test_filler_micro_batch_adds_nothing(model, tokenizer):
+def test_filler_micro_batch_adds_nothing(tiny_model, tokenizer):
+    model = tiny_model
     """The ragged last step pads a rank's empty slot with a weight-0 filler pair (distributed.PairShards)."""
     collate = PaddedCollator(tokenizer.pad_token_id)
     groups = _micro_batches(tokenizer)

@@ -450,19 +450,6 @@ def brute_force(model, examples, beta: float, scope: str, pad_id: int):
     }
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    # make the random init less uniform so per-token log-probs differ visibly between positions
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 @pytest.mark.parametrize("scope", ["prompt_completion", "completion"])
 @pytest.mark.parametrize("chunk_size", [5, 1024])
 def test_forward_parts_equals_brute_force_full_logits(tiny_model, tokenizer, scope, chunk_size):

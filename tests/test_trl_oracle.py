@@ -21,22 +21,9 @@ from orpo_dist.collate import PaddedCollator  # noqa: E402
 from orpo_dist.config import DataConfig  # noqa: E402
 from orpo_dist.loss import forward_parts  # noqa: E402
 from orpo_dist.synthetic import case_rule_pairs  # noqa: E402
+from orpo_dist.trainer import METRIC_KEYS as METRICS  # noqa: E402
 
 BETA = 0.2
-
-
-
-
-METRICS = [
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "log_odds_ratio",
-    "log_odds_chosen",
-]
 
 
 def _pairs() -> list[dict[str, str]]:
