@@ -1,0 +1,95 @@
+"""GPU-only paths. Run on a CUDA machine with `pytest -m gpu` (scripts/gpu_checks.sh does it);
+skipped with the reason everywhere else, so the CPU suite stays honest about what it covers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import orpo_dist
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/gpu_checks.sh there)"
+    ),
+]
+REPO = Path(__file__).resolve().parents[1]
+RUN = {
+    "model": "builtin:small",
+    "data_path": "builtin:case_rule",
+    "max_samples": 256,
+    "max_steps": 6,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "eval_split": 0.125,
+    "eval_on_start": False,
+    "logging_steps": 1,
+    "save_steps": 3,
+    "max_length": 64,
+    "max_prompt_length": 48,
+    "mixed_precision": "bf16",
+}
+
+
+def test_qlora_int4_on_cuda_trains_with_bf16_compute(tmp_path):
+    import bitsandbytes  # noqa: F401  (the GPU image must carry it)
+
+    result = orpo_dist.train({**RUN, "peft": True, "quantization": "int4", "output_dir": str(tmp_path)})
+    losses = [r["loss"] for r in result.metrics if "loss" in r]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert (result.final_dir / "adapter_model.safetensors").exists()
+
+
+def test_flash_or_sdpa_attention_matches_eager_logps(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from orpo_dist.collate import PaddedCollator
+    from orpo_dist.loss import forward_parts
+    from orpo_dist.synthetic import build_tokenizer, save_builtin_model
+
+    path = save_builtin_model("builtin:small", tmp_path / "m")
+    tok = build_tokenizer()
+    ex = [
+        dict(
+            id=i,
+            prompt_ids=tok(f"Write in capitals: w{i}\n")["input_ids"],
+            chosen_ids=[30 + i, 2],
+            rejected_ids=[40, 41, 2],
+        )
+        for i in range(4)
+    ]
+    batch = {k: v.cuda() for k, v in PaddedCollator(tok.pad_token_id)(ex).items()}
+    out = {}
+    for impl in ("eager", "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, attn_implementation=impl
+        ).cuda()
+        with torch.no_grad():
+            out[impl] = forward_parts(model, model.lm_head, batch, 64).chosen_logps.float()
+    torch.testing.assert_close(out["sdpa"], out["eager"], atol=2e-2, rtol=2e-2)
+
+
+def test_fsdp2_one_process_wraps_saves_and_loads(tmp_path):
+    """FSDP2 through accelerate does not run on CPU; one CUDA process proves wrapping, saving, loading."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/fsdp2.yaml"),
+        "--num_processes", "1", "-m", "orpo_dist.train", "--model", "builtin:small", "--max_samples", "128",
+        "--max_steps", "4", "--save_steps", "2", "--output_dir", str(tmp_path), "--eval_split", "0",
+        "--max_length", "64", "--max_prompt_length", "48", "--batch_size", "4",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed=FSDP" in proc.stdout
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    resumed = subprocess.run(cmd + ["--max_steps", "6", "--resume", "latest"], env=env, capture_output=True,
+                             text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
