@@ -11,15 +11,7 @@ def train(config: Config | dict | str | None = None, **overrides):
 
     Returns a TrainResult (output_dir, global_step, final_dir, metrics rows).
     """
-    from orpo_dist.trainer import run
+    from orpo_dist.train import train as _train  # importing the CLI module rebinds this name to it;
+    # that module is callable with the same signature (see the end of train.py)
 
-    if isinstance(config, Config):
-        cfg = config
-        if overrides:
-            raise TypeError("pass overrides with a YAML path or dict, not with a Config object")
-        cfg.validate()
-    elif isinstance(config, dict):
-        cfg = load_config(None, {**config, **overrides})
-    else:
-        cfg = load_config(config, overrides)
-    return run(cfg)
+    return _train(config, **overrides)

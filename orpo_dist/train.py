@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import types
 from importlib.resources import files
 
-from orpo_dist.config import LEAVES, ConfigError, load_config
+from orpo_dist.config import LEAVES, Config, ConfigError, load_config
 
 USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
        accelerate launch [--config_file configs/accelerate/X.yaml] -m orpo_dist.train ...
@@ -22,6 +23,21 @@ Keys may be written --key value, --key=value, with dashes or underscores; boolea
 --learning_rate, --load_in_4bit, ...). See README.md for the table.
 Without --config: the built-in quickstart preset.
 """
+
+
+def train(config: Config | dict | str | None = None, **overrides):
+    """The Python API (also reachable as `orpo_dist.train(...)`): a Config, a dict, or a YAML path
+    plus keyword overrides. Returns a TrainResult."""
+    from orpo_dist.trainer import run
+
+    if isinstance(config, Config):
+        if overrides:
+            raise TypeError("pass overrides with a YAML path or dict, not with a Config object")
+        config.validate()
+        return run(config)
+    if isinstance(config, dict):
+        return run(load_config(None, {**config, **overrides}))
+    return run(load_config(config, overrides))
 
 
 def quickstart_preset() -> str:
@@ -81,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orpo_dist: data error: {e}", file=sys.stderr)
         return 2
 
+
+class _CallableModule(types.ModuleType):
+    """`orpo_dist.train` names both this CLI module (`python -m orpo_dist.train`) and the Python API
+    (`orpo_dist.train(config)`). Importing a submodule rebinds the package attribute to the module,
+    so the module itself is made callable: either way `orpo_dist.train(...)` trains."""
+
+    def __call__(self, config=None, **overrides):
+        return train(config, **overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

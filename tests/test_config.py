@@ -221,3 +221,17 @@ def _shipped_configs() -> list[Path]:
 @pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_training_config_loads(path):
     assert isinstance(load_config(path), Config)
+
+
+def test_python_api_is_callable_even_after_the_cli_module_is_imported():
+    """`import orpo_dist.train` rebinds the package attribute to the CLI module; it must still train."""
+    import importlib
+
+    import orpo_dist
+
+    importlib.import_module("orpo_dist.train")
+    assert callable(orpo_dist.train)
+    with pytest.raises(ConfigError, match="lr=-1.0 must be > 0"):  # validated before anything loads
+        orpo_dist.train({"lr": -1})
+    with pytest.raises(ConfigError, match="lr=-1.0 must be > 0"):
+        orpo_dist.train(None, lr=-1)
