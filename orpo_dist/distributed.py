@@ -29,7 +29,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))
     log_with = None if cfg.train.log == "none" else cfg.train.log
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation,
         log_with=log_with,
         project_dir=cfg.train.output_dir,
@@ -40,22 +40,50 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # our dataloader is not passed to prepare(), so tell DeepSpeed the micro-batch itself
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation
-        ds["train_batch_size"] = cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
-        if cfg.train.max_grad_norm > 0:
-            ds["gradient_clipping"] = cfg.train.max_grad_norm
+        ds["train_batch_size"] = (
+            cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
+        )
+        # always ours: left "auto", accelerate fills in 1.0 and max_grad_norm: 0 would still clip (0 = off)
+        ds["gradient_clipping"] = cfg.train.max_grad_norm
+        if ds.get("zero_optimization", {}).get("stage") == 3:
+            # save_model gathers the full weights with accelerator.get_state_dict, which needs this under ZeRO-3
+            ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return accelerator
 
 
 def check_world_size(accelerator: Accelerator) -> None:
-    """Fail if the launcher asked for more processes than joined the process group."""
+    """Fail if the launch did not give what it asked for: every process connected, with the asked strategy.
+
+    Each case below otherwise trains without an error: one process, or ranks that never sync gradients,
+    or plain DDP where DeepSpeed / FSDP was asked for.
+    """
     asked = int(os.environ.get("WORLD_SIZE", "1"))
-    got = accelerator.num_processes
+    got, kind = accelerator.num_processes, accelerator.distributed_type
+    cpu_hint = (
+        "On a CPU-only machine launch DDP with ACCELERATE_USE_CPU=true and --multi_gpu, and DeepSpeed configs "
+        "without ACCELERATE_USE_CPU; `accelerate launch --cpu` and MULTI_CPU configs do not connect ranks."
+    )
     if asked != got:
         raise RuntimeError(
             f"the launcher started WORLD_SIZE={asked} processes but the process group has {got}: the ranks are "
-            "not connected. On a CPU-only machine launch with ACCELERATE_USE_CPU=true and --multi_gpu "
-            "(or a DeepSpeed config); `accelerate launch --cpu` and MULTI_CPU configs do not connect ranks."
+            f"not connected. {cpu_hint}"
         )
+    if got > 1 and kind == DistributedType.NO:
+        raise RuntimeError(
+            f"{got} processes but accelerate runs each as a single-process job (distributed_type NO): gradients "
+            f"would never be synchronised. {cpu_hint}"
+        )
+    asked_kinds = (
+        ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
+        ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+    )
+    for env, wanted in asked_kinds:
+        if os.environ.get(env, "false").lower() == "true" and kind != wanted:
+            raise RuntimeError(
+                f"the launch config asks for {wanted.value} ({env}=true) but accelerate is running {kind.value}. "
+                "ACCELERATE_USE_CPU=true turns DeepSpeed and FSDP off: launch DeepSpeed on CPU without it (the "
+                "trainer uses gloo); FSDP through accelerate does not run on CPU."
+            )
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
@@ -91,8 +119,17 @@ class PairShards:
     A slot left empty by the ragged last step gets one filler pair with weight 0.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, accumulation: int, world: int, rank: int,
-                 seed: int, shuffle: bool = True, group_by_length: bool = False):
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        accumulation: int,
+        world: int,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+        group_by_length: bool = False,
+    ):
         self.lengths, self.batch_size, self.accumulation = lengths, batch_size, accumulation
         self.world, self.rank, self.seed = world, rank, seed
         self.shuffle, self.group_by_length = shuffle, group_by_length
@@ -110,7 +147,11 @@ class PairShards:
         order = torch.randperm(n, generator=g).tolist()
         if self.group_by_length:  # sort within blocks of 16 global batches: similar lengths share a step
             block = 16 * self.global_batch
-            order = [i for s in range(0, n, block) for i in sorted(order[s : s + block], key=self.lengths.__getitem__)]
+            order = [
+                i
+                for s in range(0, n, block)
+                for i in sorted(order[s : s + block], key=self.lengths.__getitem__)
+            ]
             steps = [order[s : s + self.global_batch] for s in range(0, n, self.global_batch)]
             perm = torch.randperm(len(steps), generator=g).tolist()  # but visit the steps in random order
             order = [i for p in perm for i in steps[p]]

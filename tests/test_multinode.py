@@ -1,0 +1,144 @@
+"""A real 2-"node" job on loopback: two launcher invocations (1 process each, node ranks 0 and 1, main
+address 127.0.0.1) that train, checkpoint and finish together, through the shipped launch scripts.
+
+The nodes share one output_dir, as nodes on a cluster share a filesystem. Each launcher gets a timeout,
+and a launcher that fails brings the other down, so a rendezvous that never completes fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+ACCEL = REPO / "configs" / "accelerate"
+TRAIN_YAML = Path(__file__).parent / "mp_configs" / "tiny_train.yaml"
+N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tiny_train.yaml: 5 steps per epoch
+TIMEOUT = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "ORPO_", "SLURM_"))
+        and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES")
+    }
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false"
+    )
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU + gloo on any machine: two "nodes" cannot share one GPU under NCCL
+    env.update(extra)
+    return env
+
+
+def start_node(script: str, env: dict[str, str], args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["bash", str(REPO / "launch" / script), *args],
+        env=env,
+        cwd=log.parent,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: killing it takes every rank with it
+    )
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run_nodes(script: str, envs: list[dict[str, str]], args: list[str], cwd: Path) -> list[tuple[int, str]]:
+    """Head node first, then the other once the rendezvous port is up; wait for both; kill on hang.
+
+    On loopback both launchers would bind the same port, and `accelerate launch` on machine rank 0 refuses a
+    port already in use: on a cluster each node has its own, so here the head node simply starts first.
+    """
+    port = int(envs[0]["MASTER_PORT"])
+    logs = [cwd / f"node{i}.log" for i in range(len(envs))]
+    procs = [start_node(script, envs[0], args, logs[0])]
+    deadline = time.monotonic() + 120
+    while not port_open(port) and procs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    procs += [start_node(script, env, args, log) for env, log in zip(envs[1:], logs[1:])]
+    deadline = time.monotonic() + TIMEOUT
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):  # the other node would wait for its peer
+            deadline = min(deadline, time.monotonic() + 60)
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("script", "accel_config", "distributed"),
+    [
+        ("multi_node_accelerate.sh", "multi_gpu.yaml", "MULTI_CPU"),
+        ("multi_node_accelerate.sh", "zero3.yaml", "DEEPSPEED"),
+        ("multi_node_torchrun.sh", None, "MULTI_CPU"),
+    ],
+    ids=["accelerate-ddp", "accelerate-zero3", "torchrun-ddp"],
+)
+def test_two_nodes_train_checkpoint_and_finish_together(
+    tmp_path, tiny_model_dir, script, accel_config, distributed
+):
+    out, trace = tmp_path / "out", tmp_path / "trace"
+    trace.mkdir()
+    common = dict(
+        NNODES="2",
+        GPUS_PER_NODE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RDZV_ID=f"orpo-test-{os.getpid()}",
+        PYTHON=sys.executable,
+        PATH=os.environ["PATH"],
+        ORPO_DIST_TRACE_DIR=str(trace),
+        ORPO_CPU="1",  # the scripts' CPU mode: gloo, fp32, ACCELERATE_USE_CPU only where it does not drop DeepSpeed
+    )
+    if accel_config:
+        common["ACCEL_CONFIG"] = str(ACCEL / accel_config)
+    envs = [clean_env(**common, NODE_RANK=str(rank)) for rank in (0, 1)]
+    args = ["--config", str(TRAIN_YAML), "--model", str(tiny_model_dir), "--output_dir", str(out)]
+    results = run_nodes(script, envs, args, cwd=tmp_path)
+
+    for node, (rc, log) in enumerate(results):
+        assert rc == 0, f"node {node} exited {rc}:\n{log[-5000:]}"
+    logs = "".join(log for _, log in results)
+    # exactly one rank 0 over both nodes printed the launch summary, with both ranks in the group
+    assert logs.count(f"world_size=2 distributed={distributed} ") == 1, logs[-5000:]
+    rows = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
+    assert {r["rank"] for r in rows} == {0, 1} and {r["world_size"] for r in rows} == {2}
+    for rank in (0, 1):
+        assert sorted(r["step"] for r in rows if r["rank"] == rank) == list(range(1, STEPS + 1))
+    first_epoch = [
+        [i for r in rows if r["rank"] == rank and r["step"] <= 5 for i in r["ids"]] for rank in (0, 1)
+    ]
+    assert not set(first_epoch[0]) & set(first_epoch[1])
+    assert sorted(first_epoch[0] + first_epoch[1]) == list(range(N_PAIRS))
+    # they checkpointed and finished together: one metrics row per step, a complete checkpoint, a final model
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert (out / f"checkpoint-{SAVE_AT}" / "COMPLETE").exists()
+    assert (out / "final" / "config.json").exists() and list((out / "final").glob("*.safetensors"))
