@@ -72,4 +72,8 @@ def make_collator(layout: str, pad_token_id: int, nll_scope: str):
         from orpo_dist.packing import PackedCollator
 
         return PackedCollator(pad_token_id, nll_scope)
-    raise ValueError(f"unknown layout {layout!r}; choose 'padded' or 'packed'")
+    if layout == "shared_prefix":
+        from orpo_dist.packing import SharedPrefixCollator
+
+        return SharedPrefixCollator(pad_token_id, nll_scope)
+    raise ValueError(f"unknown layout {layout!r}; choose 'padded', 'packed' or 'shared_prefix'")

@@ -102,13 +102,20 @@ class TrainConfig:
     gradient_accumulation: int = 1
     lr: float = 5e-5
     scheduler: Literal[
-        "linear", "cosine", "cosine_with_restarts", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt"
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "constant",
+        "constant_with_warmup",
+        "polynomial",
+        "inverse_sqrt",
     ] = "linear"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     """Clip gradients to this norm (0 = no clipping)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """`auto`: what the accelerate launch config says (`no` without one); else forces this."""
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int | None = None
@@ -335,8 +342,11 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             leaf = _canonical(key)
             is_bool = leaf in _SWITCHES or (leaf in LEAVES and _HINTS[LEAVES[leaf][0]][leaf] is bool)
-            if is_bool and takes_value and argv[i + 1].lower() not in (
-                "true", "false", "1", "0", "yes", "no", "on", "off", "unsloth"
+            if (
+                is_bool
+                and takes_value
+                and argv[i + 1].lower()
+                not in ("true", "false", "1", "0", "yes", "no", "on", "off", "unsloth")
             ):
                 takes_value = False
             if takes_value:
@@ -352,7 +362,9 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     return items
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
     """Defaults <- YAML file <- overrides (a dict, or CLI tokens like ['--lr', '1e-4']). Validated."""
     cfg = Config()
     items: list[tuple[str, Any]] = []
@@ -392,8 +404,13 @@ def _problems(cfg: Config) -> list[str]:
     ]:
         if value < 1:
             p.append(f"{name}={value} must be >= 1")
-    for name, value in [("save_steps", t.save_steps), ("eval_steps", t.eval_steps), ("eval_batch_size", t.eval_batch_size),
-                        ("max_completion_length", d.max_completion_length), ("max_samples", d.max_samples)]:
+    for name, value in [
+        ("save_steps", t.save_steps),
+        ("eval_steps", t.eval_steps),
+        ("eval_batch_size", t.eval_batch_size),
+        ("max_completion_length", d.max_completion_length),
+        ("max_samples", d.max_samples),
+    ]:
         if value is not None and value < 1:
             p.append(f"{name}={value} must be >= 1 (or unset)")
     if t.lr <= 0:
@@ -416,7 +433,9 @@ def _problems(cfg: Config) -> list[str]:
     if not 0 <= lo.lora_dropout < 1:
         p.append(f"lora_dropout={lo.lora_dropout} must be in [0, 1)")
     if lo.quantization and not lo.peft:
-        p.append(f"quantization={lo.quantization} needs peft: true (4/8-bit weights can only train through LoRA)")
+        p.append(
+            f"quantization={lo.quantization} needs peft: true (4/8-bit weights can only train through LoRA)"
+        )
     bad = [e for e in cfg.export.export if e not in ("merged_16bit", "gguf")]
     if bad:
         p.append(f"export={cfg.export.export}: {bad} not in ['merged_16bit', 'gguf']")
