@@ -101,13 +101,15 @@ def quantization_config(cfg: Config, distributed_sharded: bool):
     )
 
 
-def load_model(cfg: Config, path: str, num_processes: int, device: torch.device, sharded: bool = False):
+def load_model(
+    cfg: Config, path: str, num_processes: int, device: torch.device, sharded: bool = False, say=log.info
+):
     """Build the trainable model. `sharded`: ZeRO-3 or FSDP will shard the parameters."""
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
     backend, reason = choose_backend(cfg, num_processes, model_type)
-    log.info("model backend: %s (%s)", backend, reason)
+    say(f"model backend: {backend} ({reason})")
     if backend == "unsloth":
         return _load_unsloth(cfg, path)
 

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from orpo_dist.data import DataError
     from orpo_dist.trainer import exit_code, run
 
-    if preset:
+    if preset and os.environ.get("RANK", "0") == "0":
         print(
             f"[orpo_dist] no --config given: running the built-in quickstart ({quickstart_preset()})",
             flush=True,

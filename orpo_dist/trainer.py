@@ -133,7 +133,7 @@ class Trainer:
             self.log(line)
 
         self.model = load_model(
-            cfg, self.model_path, acc.num_processes, acc.device, sharded=dist.is_sharded(acc)
+            cfg, self.model_path, acc.num_processes, acc.device, sharded=dist.is_sharded(acc), say=self.log
         )
         if cfg.lora.peft and acc.is_main_process:
             self.model.print_trainable_parameters()
