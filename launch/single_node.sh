@@ -19,15 +19,8 @@ NUM_PROCESSES=${NUM_PROCESSES:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || t
 
 cmd=("${PYTHON:-python}" -m accelerate.commands.launch --config_file "$ACCEL_CONFIG")
 (( NUM_PROCESSES > 0 )) && cmd+=(--num_processes "$NUM_PROCESSES")
-if [[ ${ORPO_CPU:-0} == 1 ]]; then
-    case $(sed -n 's/^distributed_type: *"\{0,1\}\([A-Z_]*\).*/\1/p' "$ACCEL_CONFIG") in
-        FSDP) echo "ORPO_CPU=1: FSDP2 does not train on CPU through accelerate (DESIGN.md); use DDP or DeepSpeed" >&2
-              exit 2 ;;
-        DEEPSPEED) ;;  # DeepSpeed picks its CPU accelerator; ACCELERATE_USE_CPU would silently make it plain DDP
-        *) export ACCELERATE_USE_CPU=true ;;  # real ranks over gloo (--cpu / MULTI_CPU would not connect them)
-    esac
-    cmd+=(--mixed_precision no)
-fi
+source "$ROOT/launch/lib/cpu_env.sh"
+cmd+=("${ORPO_CPU_ARGS[@]}")
 cmd+=(-m orpo_dist.train)
 [[ -n ${CONFIG:-} ]] && cmd+=(--config "$CONFIG")
 cmd+=("$@")

@@ -76,13 +76,8 @@ export PYTHON=${PYTHON:-python}
 export ACCEL_CONFIG=${ACCEL_CONFIG:-configs/accelerate/zero3.yaml}
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
 export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
+source launch/lib/cpu_env.sh  # ORPO_CPU=1: ACCELERATE_USE_CPU for DDP configs, FSDP refused
 if [[ ${ORPO_CPU:-0} == 1 ]]; then
-    case $(sed -n 's/^distributed_type: *"\{0,1\}\([A-Z_]*\).*/\1/p' "$ACCEL_CONFIG") in
-        FSDP) echo "[orpo.sh] ORPO_CPU=1: FSDP2 does not train on CPU through accelerate; use DDP or DeepSpeed" >&2
-              exit 2 ;;
-        DEEPSPEED) ;;  # DeepSpeed picks its CPU accelerator; ACCELERATE_USE_CPU would silently make it plain DDP
-        *) export ACCELERATE_USE_CPU=true ;;  # real ranks over gloo (--cpu / MULTI_CPU would not connect them)
-    esac
     export GPUS_PER_NODE=${GPUS_PER_NODE:-1}
 else
     export GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}

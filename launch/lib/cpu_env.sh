@@ -1,0 +1,15 @@
+# Sourced by the launchers and slurm/orpo.sh: with ORPO_CPU=1, set up a CPU-only multi-process run
+# for the accelerate config in $ACCEL_CONFIG. Defines ORPO_CPU_ARGS (extra accelerate launch flags).
+#   DDP:       ACCELERATE_USE_CPU=true gives real ranks over gloo (--cpu / MULTI_CPU would not connect them)
+#   DeepSpeed: nothing; DeepSpeed picks its CPU accelerator, and ACCELERATE_USE_CPU would make it plain DDP
+#   FSDP:      refused; FSDP2 through accelerate does not train on CPU (see DESIGN.md)
+ORPO_CPU_ARGS=()
+if [[ ${ORPO_CPU:-0} == 1 ]]; then
+    case $(sed -n 's/^distributed_type: *"\{0,1\}\([A-Z_]*\).*/\1/p' "$ACCEL_CONFIG") in
+        FSDP) echo "ORPO_CPU=1: FSDP2 does not train on CPU through accelerate (DESIGN.md); use DDP or DeepSpeed" >&2
+              exit 2 ;;
+        DEEPSPEED) ;;
+        *) export ACCELERATE_USE_CPU=true ;;
+    esac
+    ORPO_CPU_ARGS=(--mixed_precision no)
+fi
