@@ -27,6 +27,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     launched = "LOCAL_RANK" in os.environ  # set by accelerate launch / torchrun / deepspeed, not by python
     if launched and not torch.cuda.is_available():
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+    if not launched:
+        # accelerate keeps its state per process; a second run from the Python API (say with another
+        # mixed_precision) would be refused. A single process owns no process group, so start clean.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     log_with = None if cfg.train.log == "none" else cfg.train.log
     accelerator = Accelerator(
         mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
