@@ -36,6 +36,8 @@ class ModelConfig:
     """Recompute activations in backward: less memory, ~30% slower."""
     backend: Literal["auto", "hf", "unsloth"] = "auto"
     """`auto` picks Unsloth only when it can run (1 process, CUDA, supported model); else transformers."""
+    fused_kernels: Literal["auto", "liger", "none"] = "auto"
+    """Liger's Triton kernels (RoPE, RMSNorm, SwiGLU): `auto` uses them on CUDA when installed; never required."""
 
 
 @dataclass

@@ -83,6 +83,40 @@ def choose_backend(cfg: Config, num_processes: int, model_type: str | None) -> t
     return "unsloth", "auto: Unsloth is installed, 1 process, CUDA, supported architecture"
 
 
+def apply_fused_kernels(model, mode: str, say=log.info) -> str:
+    """Liger's Triton kernels for RoPE, RMSNorm and SwiGLU, patched into this model instance.
+
+    Liger's fused linear-cross-entropy stays off: ORPO needs per-token log-probs at chosen positions,
+    which loss.py computes in chunks. Returns what was applied ("liger" or "none").
+    """
+    if mode == "none":
+        return "none"
+    blockers = []
+    if importlib.util.find_spec("liger_kernel") is None:
+        blockers.append("liger-kernel is not installed (pip install liger-kernel)")
+    if not torch.cuda.is_available():
+        blockers.append("no CUDA GPU (Liger kernels are Triton)")
+    if blockers:
+        if mode == "liger":
+            raise RuntimeError(
+                "fused_kernels: liger cannot run here: " + "; ".join(blockers) + ". Use auto or none."
+            )
+        say("fused kernels: none (" + "; ".join(blockers) + ")")
+        return "none"
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance  # pragma: no cover - CUDA only
+
+    _apply_liger_kernel_to_instance(  # pragma: no cover
+        model=model,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
+    say(f"fused kernels: liger (rope, rms_norm, swiglu) on {model.config.model_type}")  # pragma: no cover
+    return "liger"  # pragma: no cover
+
+
 def quantization_config(cfg: Config, distributed_sharded: bool):
     from transformers import BitsAndBytesConfig
 
@@ -126,6 +160,7 @@ def load_model(
             kwargs["device_map"] = {"": device.index if device.type == "cuda" else str(device)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
+    apply_fused_kernels(model, cfg.model.fused_kernels, say)
 
     if cfg.lora.quantization:
         from peft import prepare_model_for_kbit_training

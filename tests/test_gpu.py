@@ -93,3 +93,28 @@ def test_fsdp2_one_process_wraps_saves_and_loads(tmp_path):
     resumed = subprocess.run(cmd + ["--max_steps", "6", "--resume", "latest"], env=env, capture_output=True,
                              text=True, timeout=600, cwd=REPO)  # fmt: skip
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+
+
+def test_liger_kernels_match_the_plain_model(tmp_path):
+    pytest.importorskip("liger_kernel", reason="pip install liger-kernel")
+    from transformers import AutoModelForCausalLM
+
+    from orpo_dist.collate import PaddedCollator
+    from orpo_dist.loss import forward_parts
+    from orpo_dist.modeling import apply_fused_kernels
+    from orpo_dist.synthetic import build_tokenizer, save_builtin_model
+
+    path = save_builtin_model("builtin:small", tmp_path / "m")
+    tok = build_tokenizer()
+    ex = [dict(id=i, prompt_ids=tok(f"Write in capitals: w{i}\n")["input_ids"], chosen_ids=[30 + i, 2],
+               rejected_ids=[40, 41, 2]) for i in range(4)]  # fmt: skip
+    batch = {k: v.cuda() for k, v in PaddedCollator(tok.pad_token_id)(ex).items()}
+    out = {}
+    for mode in ("none", "liger"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+        assert apply_fused_kernels(model, mode) == mode
+        parts = forward_parts(model, model.lm_head, batch, 64)
+        parts.loss(0.1).backward()
+        out[mode] = (parts.chosen_logps.float().detach(), model.lm_head.weight.grad.float())
+    torch.testing.assert_close(out["liger"][0], out["none"][0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out["liger"][1], out["none"][1], atol=2e-2, rtol=5e-2)

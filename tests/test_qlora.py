@@ -109,3 +109,16 @@ def test_multi_process_never_picks_unsloth(monkeypatch):
     assert choose_backend(cfg, 1, "llama")[0] == "unsloth"
     assert choose_backend(cfg, 2, "llama")[0] == "hf"
     assert choose_backend(cfg, 1, "gpt2")[0] == "hf"
+
+
+def test_fused_kernels_are_optional_and_explain_themselves(tiny_model_dir):
+    from orpo_dist.modeling import apply_fused_kernels
+
+    said: list[str] = []
+    cfg = load_config(None, {"model": str(tiny_model_dir)})
+    model = load_model(cfg, str(tiny_model_dir), num_processes=1, device=torch.device("cpu"), say=said.append)
+    if not torch.cuda.is_available():
+        assert any(s.startswith("fused kernels: none (") for s in said), said
+        with pytest.raises(RuntimeError, match="fused_kernels: liger cannot run here"):
+            apply_fused_kernels(model, "liger")
+    assert apply_fused_kernels(model, "none") == "none"
