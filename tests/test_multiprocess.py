@@ -148,6 +148,14 @@ def launch(
     return Run(rc, log, out, read_jsonl(out / "metrics.jsonl")[before:], trace_rows)
 
 
+LORA = ("--peft", "--lr", "1e-2")
+LORA_RUNS = {  # name: (strategy, extra flags)
+    "ddp_lora": ("ddp", LORA),
+    "ddp_lora_export": ("ddp", (*LORA, "--export", "merged_16bit")),
+    "zero3_lora": ("zero3", LORA),
+}
+
+
 class Runs:
     """Each named run is launched once per module, on first use, and shared by the tests that read it."""
 
@@ -168,19 +176,21 @@ class Runs:
             return launch(tmp, name, None, model, "--batch_size", "4")
         if name in STRATEGIES:
             return launch(tmp, name, name, model)
+        if name in LORA_RUNS:
+            strategy, extra = LORA_RUNS[name]
+            return launch(tmp, name, strategy, model, *extra)
         if name.endswith("_resumed"):
             # killed one step after the step-4 checkpoint (as a crash would be), then resumed to the end; a
             # run that simply ends at max_steps leaves final/ but no resumable checkpoint of its last step
-            strategy, out = name.removesuffix("_resumed"), tmp / name
-            first = launch(tmp, name + "-1", strategy, model, "--max_steps", str(SAVE_AT + 1), out=out)
+            base, out = name.removesuffix("_resumed"), tmp / name
+            strategy, extra = LORA_RUNS.get(base, (base, ()))
+            first = launch(
+                tmp, name + "-1", strategy, model, *extra, "--max_steps", str(SAVE_AT + 1), out=out
+            )
             first.check_ok()
-            run = launch(tmp, name + "-2", strategy, model, "--resume", "latest", out=out)
+            run = launch(tmp, name + "-2", strategy, model, *extra, "--resume", "latest", out=out)
             run.resumed_from = first
             return run
-        if name == "ddp_lora_export":
-            return launch(tmp, name, "ddp", model, "--peft", "--lr", "1e-2", "--export", "merged_16bit")
-        if name == "zero3_lora":
-            return launch(tmp, name, "zero3", model, "--peft", "--lr", "1e-2")
         raise KeyError(name)
 
 
@@ -309,6 +319,20 @@ def test_resume_continues_the_uninterrupted_run(runs, strategy, rel, wrel):
         for step in range(SAVE_AT + 1, STEPS + 1):
             assert resumed.ids(rank, step) == full.ids(rank, step), (rank, step)
     assert_weights_close(resumed.weights(), full.weights(), runs.base_weights(), rel=wrel)
+
+
+@pytest.mark.parametrize("name", ["ddp_lora", "zero3_lora"])
+def test_lora_resume_continues_the_uninterrupted_run(runs, name):
+    """LoRA checkpoints hold the adapter + optimizer (not the frozen base) and resume exactly, on both ranks."""
+    full, resumed = runs[name], runs[f"{name}_resumed"]
+    resumed.check_ok()
+    assert f"resumed from {resumed.out / f'checkpoint-{SAVE_AT}'} at step {SAVE_AT}" in resumed.log
+    assert (resumed.out / f"checkpoint-{SAVE_AT}" / "model" / "adapter_model.safetensors").exists()
+    assert sorted(resumed.losses()) == list(range(SAVE_AT + 1, STEPS + 1))
+    assert_losses_close(resumed.losses(), full.losses(), rel=1e-4, steps=range(SAVE_AT + 1, STEPS + 1))
+    for rank in (0, 1):
+        for step in range(SAVE_AT + 1, STEPS + 1):
+            assert resumed.ids(rank, step) == full.ids(rank, step), (rank, step)
 
 
 # ------------------------------------------------------------------------------------------ LoRA
