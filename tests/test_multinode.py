@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_env import clean_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -25,27 +26,6 @@ ACCEL = REPO / "configs" / "accelerate"
 TRAIN_YAML = Path(__file__).parent / "mp_configs" / "tiny_train.yaml"
 N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tiny_train.yaml: 5 steps per epoch
 TIMEOUT = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ACCELERATE_", "ORPO_", "SLURM_"))
-        and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES")
-    }
-    env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false"
-    )
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU + gloo on any machine: two "nodes" cannot share one GPU under NCCL
-    env.update(extra)
-    return env
 
 
 def start_node(script: str, env: dict[str, str], args: list[str], log: Path) -> subprocess.Popen:

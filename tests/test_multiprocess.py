@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_env import clean_env, free_port
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -43,32 +43,6 @@ STRATEGIES = {
     "zero2": (["--config_file", str(ACCEL / "zero2.yaml")], {}, "DEEPSPEED"),
     "zero3": (["--config_file", str(ACCEL / "zero3.yaml")], {}, "DEEPSPEED"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment minus anything a launcher sets, so an outer launch cannot leak in."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ACCELERATE_", "ORPO_DIST_"))
-        and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="disabled",
-        TOKENIZERS_PARALLELISM="false",
-        CUDA_VISIBLE_DEVICES="",  # CPU + gloo on any machine (2 ranks cannot share one GPU under NCCL)
-    )
-    env.update(extra)
-    return env
 
 
 def run_process(cmd: list[str], env: dict[str, str], cwd: Path, timeout: int = TIMEOUT) -> tuple[int, str]:
