@@ -28,10 +28,4 @@ cmd=("${PYTHON:-python}" -m accelerate.commands.launch --config_file "$ACCEL_CON
      --deepspeed_multinode_launcher standard)  # torchrun on each node, not pdsh from the head node
 (( NNODES > 1 )) && cmd+=(--rdzv_backend c10d)  # one node: torchrun's static rendezvous on MASTER_PORT
 source "$ROOT/launch/lib/cpu_env.sh"
-cmd+=("${ORPO_CPU_ARGS[@]}")
-cmd+=(-m orpo_dist.train)
-[[ -n ${CONFIG:-} ]] && cmd+=(--config "$CONFIG")
-cmd+=("$@")
-
-if [[ ${DRY_RUN:-0} == 1 ]]; then echo "${ACCELERATE_USE_CPU:+ACCELERATE_USE_CPU=$ACCELERATE_USE_CPU }${cmd[*]}"; exit 0; fi
-exec "${cmd[@]}"
+orpo_exec "${cmd[@]}" "${ORPO_CPU_ARGS[@]}" -- "$@"

@@ -20,10 +20,4 @@ NUM_PROCESSES=${NUM_PROCESSES:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || t
 cmd=("${PYTHON:-python}" -m accelerate.commands.launch --config_file "$ACCEL_CONFIG")
 (( NUM_PROCESSES > 0 )) && cmd+=(--num_processes "$NUM_PROCESSES")
 source "$ROOT/launch/lib/cpu_env.sh"
-cmd+=("${ORPO_CPU_ARGS[@]}")
-cmd+=(-m orpo_dist.train)
-[[ -n ${CONFIG:-} ]] && cmd+=(--config "$CONFIG")
-cmd+=("$@")
-
-if [[ ${DRY_RUN:-0} == 1 ]]; then echo "${ACCELERATE_USE_CPU:+ACCELERATE_USE_CPU=$ACCELERATE_USE_CPU }${cmd[*]}"; exit 0; fi
-exec "${cmd[@]}"
+orpo_exec "${cmd[@]}" "${ORPO_CPU_ARGS[@]}" -- "$@"

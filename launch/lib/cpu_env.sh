@@ -13,3 +13,16 @@ if [[ ${ORPO_CPU:-0} == 1 ]]; then
     esac
     ORPO_CPU_ARGS=(--mixed_precision no)
 fi
+
+# orpo_exec LAUNCHER ARGS... -- TRAINER ARGS...: run `LAUNCHER ARGS -m orpo_dist.train [--config $CONFIG]
+# TRAINER ARGS` (with DRY_RUN=1, print it instead). Every launcher ends the same way through this.
+orpo_exec() {
+    local cmd=()
+    while [[ $1 != -- ]]; do cmd+=("$1"); shift; done
+    shift
+    cmd+=(-m orpo_dist.train)
+    [[ -n ${CONFIG:-} ]] && cmd+=(--config "$CONFIG")
+    cmd+=("$@")
+    if [[ ${DRY_RUN:-0} == 1 ]]; then echo "${ACCELERATE_USE_CPU:+ACCELERATE_USE_CPU=$ACCELERATE_USE_CPU }${cmd[*]}"; exit 0; fi
+    exec "${cmd[@]}"
+}
