@@ -10,7 +10,7 @@ A B C D, then D C B A, ... so warm-up and machine drift do not favour one; the t
 
 TRL runs its real code: `ORPOTrainer.compute_loss` (-> `get_batch_loss_metrics` -> `concatenated_forward`)
 on batches made by its `DPODataCollatorWithPadding` from pre-tokenised rows in its format. orpo_dist
-runs `loss.forward_parts` on each of its layouts. Both use the same fused AdamW (transformers' default
+runs `logps.forward_parts` on each of its layouts. Both use the same fused AdamW (transformers' default
 `adamw_torch_fused`). The first step's loss (before any update) must agree. Collation is not timed.
 
 Data: an UltraFeedback-like length mix: prompts 50-500 tokens (log-normal, median 150), completions
@@ -111,7 +111,7 @@ def trl_step_fn(model, opt, device: str, workdir: str):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     from trl.experimental.utils import DPODataCollatorWithPadding
 
-    from orpo_dist.synthetic import build_tokenizer
+    from orpo_dist.builtin import build_tokenizer
 
     args = ORPOConfig(
         output_dir=workdir, bf16=False, beta=0.1, max_length=1 << 20, report_to=[], use_cpu=device == "cpu",
@@ -144,8 +144,8 @@ def trl_step_fn(model, opt, device: str, workdir: str):
 
 
 def ours_step_fn(model, opt, device: str, layout: str, chunk_size: int):
-    from orpo_dist.collate import make_collator
-    from orpo_dist.loss import forward_parts
+    from orpo_dist.layouts import make_collator, model_inputs
+    from orpo_dist.logps import forward_parts
 
     collator = make_collator(layout, 0, "prompt_completion")  # TRL's NLL scope
     lm_head = model.get_output_embeddings()
@@ -154,7 +154,7 @@ def ours_step_fn(model, opt, device: str, layout: str, chunk_size: int):
         return {k: v.to(device) for k, v in collator(pairs).items()}
 
     def step(batch):
-        loss = forward_parts(model, lm_head, batch, chunk_size).loss(0.1)
+        loss = forward_parts(model, lm_head, model_inputs(batch, model), batch, chunk_size).loss(0.1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

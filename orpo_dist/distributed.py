@@ -1,4 +1,8 @@
-"""Everything rank-aware lives here; the rest of the package is written as if single-process.
+"""Process-group set-up, launch checks, which pairs each rank trains on, reductions over ranks, and the
+agreed stop on preemption. The rest of the package calls these and is otherwise written as if
+single-process, with two exceptions kept beside what they guard: rank-0-only file writes
+(`accelerator.is_main_process` in checkpoint.py and metrics.py, with a barrier after them), and the
+ZeRO-3 gather of a frozen output head in logps.py (it feeds the log-prob kernel there).
 
 Pitfalls handled where they bite:
 - On CPU, several launch spellings silently give one process, or N unconnected processes that each
@@ -8,11 +12,15 @@ Pitfalls handled where they bite:
 - Every rank must run the same number of forward/backward calls per optimizer step, or DDP /
   ZeRO collectives hang: `PairShards` gives every rank exactly `accumulation` micro-batches per
   step, padding the ragged last step with zero-weight filler pairs instead of dropping pairs.
+- A signal reaches ranks at different moments: `Preemption.agreed` all-reduces the flag once per step,
+  so every rank stops after the same step (a rank that stopped alone would hang the others).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +28,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from orpo_dist.config import Config
+
+log = logging.getLogger("orpo_dist")
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -109,11 +119,40 @@ def describe(accelerator: Accelerator, cfg: Config) -> str:
     )
 
 
+def rank0_print(accelerator: Accelerator, msg: str) -> None:
+    """The run's log lines: printed once, by the global main process."""
+    if accelerator.is_main_process:
+        print(f"[orpo_dist] {msg}", flush=True)
+
+
 def all_sum(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
     """Sum a float tensor over ranks (metrics and loss normalisers are sums, never rank 0's mean)."""
     if accelerator.num_processes == 1:
         return values
     return accelerator.reduce(values.to(accelerator.device), reduction="sum")
+
+
+class Preemption:
+    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop and save at the next step boundary."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():  # a Python-API caller gets its handlers back
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("received signal %s: will checkpoint after this step and exit", signum)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every rank once any rank got a signal (a collective: call it on every rank, every step)."""
+        return all_sum(accelerator, torch.tensor([float(self.requested)])).item() > 0
 
 
 class PairShards:

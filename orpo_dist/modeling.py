@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from orpo_dist.builtin import BUILTIN_PREFIX, save_builtin_model
 from orpo_dist.config import Config
-from orpo_dist.synthetic import BUILTIN_PREFIX, save_builtin_model
 
 log = logging.getLogger("orpo_dist")
 
@@ -52,7 +52,7 @@ def torch_dtype(cfg: Config) -> torch.dtype:
     """`auto`: bf16 base for LoRA/QLoRA on a bf16-capable GPU; otherwise fp32 master weights."""
     if cfg.model.dtype != "auto":
         return getattr(torch, cfg.model.dtype)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and cfg.lora.peft:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and cfg.peft.use_peft:
         return torch.bfloat16
     return torch.float32
 
@@ -68,7 +68,7 @@ def choose_backend(cfg: Config, num_processes: int, model_type: str | None) -> t
         blockers.append("no CUDA GPU")
     if model_type not in UNSLOTH_ARCHS:
         blockers.append(f"architecture {model_type!r} is not one Unsloth patches ({sorted(UNSLOTH_ARCHS)})")
-    if not cfg.lora.peft:
+    if not cfg.peft.use_peft:
         blockers.append("peft is off (the Unsloth path trains LoRA/QLoRA adapters)")
     if cfg.model.backend == "hf":
         return "hf", "backend: hf requested"
@@ -120,7 +120,7 @@ def apply_fused_kernels(model, mode: str, say=log.info) -> str:
 def quantization_config(cfg: Config, distributed_sharded: bool):
     from transformers import BitsAndBytesConfig
 
-    if cfg.lora.quantization == "int8":
+    if cfg.peft.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = (
         torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
@@ -150,8 +150,8 @@ def load_model(
     kwargs = dict(dtype=torch_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    if cfg.lora.quantization:
-        if sharded and cfg.lora.quantization == "int8":
+    if cfg.peft.quantization:
+        if sharded and cfg.peft.quantization == "int8":
             raise RuntimeError(
                 "quantization: int8 cannot be sharded by ZeRO-3/FSDP; use int4 (QLoRA) or ZeRO-2/DDP."
             )
@@ -162,7 +162,7 @@ def load_model(
     model.config.use_cache = False
     apply_fused_kernels(model, cfg.model.fused_kernels, say)
 
-    if cfg.lora.quantization:
+    if cfg.peft.quantization:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -172,7 +172,7 @@ def load_model(
         )
     elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.peft:
+    if cfg.peft.use_peft:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(**_lora_kwargs(cfg), task_type="CAUSAL_LM"))
@@ -209,11 +209,11 @@ def output_head(model) -> torch.nn.Module:
 
 
 def _lora_kwargs(cfg: Config) -> dict:
-    targets = cfg.lora.target_modules
+    targets = cfg.peft.target_modules
     return dict(
-        r=cfg.lora.lora_r,
-        lora_alpha=cfg.lora.lora_alpha,
-        lora_dropout=cfg.lora.lora_dropout,
+        r=cfg.peft.lora_r,
+        lora_alpha=cfg.peft.lora_alpha,
+        lora_dropout=cfg.peft.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
     )
 
@@ -225,8 +225,8 @@ def _load_unsloth(cfg: Config, path: str):  # pragma: no cover - needs CUDA + un
         model_name=path,
         max_seq_length=cfg.data.max_length,
         dtype=None if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype),
-        load_in_4bit=cfg.lora.quantization == "int4",
-        load_in_8bit=cfg.lora.quantization == "int8",
+        load_in_4bit=cfg.peft.quantization == "int4",
+        load_in_8bit=cfg.peft.quantization == "int8",
         trust_remote_code=cfg.model.trust_remote_code,
     )
     kwargs = _lora_kwargs(cfg)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "tests" / "numerics" / "baseline.json"
-TINY = REPO / "tests" / "mp_configs" / "tiny_train.yaml"
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
 QUICKSTART = REPO / "orpo_dist" / "presets" / "quickstart.yaml"
 ACCEL = REPO / "configs" / "accelerate"
 TIMING_KEYS = {"tokens_per_second", "data_wait_seconds", "mfu"}  # wall clock: never equal twice

@@ -6,7 +6,7 @@
 #   sbatch slurm/orpo.sh CONFIG.yaml [trainer flags ...]
 #   sbatch --nodes=4 --time=48:00:00 slurm/orpo.sh configs/my_run.yaml --lr 1e-5 --output_dir /shared/runs/a
 #   CPU-only test cluster:  ORPO_CPU=1 GPUS_PER_NODE=2 ACCEL_CONFIG=configs/accelerate/multi_gpu.yaml \
-#       sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 slurm/orpo.sh tests/slurm/tiny_cpu.yaml
+#       sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 slurm/orpo.sh tests/configs/tiny.yaml
 # Submit from the repository root (or set ORPO_ROOT). `output_dir` must be on storage every node shares.
 #
 # Env knobs (sbatch passes the submitting shell's environment to the job):

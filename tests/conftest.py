@@ -8,12 +8,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import OFFLINE_ENV
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
 # Tiny models gain nothing from threads, and the multi-process tests put 2 ranks on 2 cores: one
 # intra-op thread per process (inherited by launched subprocesses) avoids oversubscription stalls.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -28,7 +26,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from orpo_dist.synthetic import build_tokenizer
+    from orpo_dist.builtin import build_tokenizer
 
     return build_tokenizer()
 
@@ -36,7 +34,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """`builtin:tiny` saved as an ordinary HF checkpoint (safetensors + tokenizer)."""
-    from orpo_dist.synthetic import save_builtin_model
+    from orpo_dist.builtin import save_builtin_model
 
     return save_builtin_model("builtin:tiny", tmp_path_factory.mktemp("tiny_model"))
 

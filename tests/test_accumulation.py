@@ -1,4 +1,4 @@
-"""Gradient accumulation gives the gradient of one big batch (DESIGN.md, "The ORPO objective").
+"""Gradient accumulation gives the gradient of one big batch (docs/architecture.md, "The loss").
 
 The trainer's rule: count the NLL tokens and pairs of the whole step first (all micro-batches, all
 ranks), then each micro-batch's loss is `parts.loss(beta, step_nll_tokens, step_pairs)` and their
@@ -12,24 +12,14 @@ import json
 
 import pytest
 import torch
+from helpers import orpo_forward, tiny_run, tokenized_pair
 from safetensors.torch import load_file
 
 import orpo_dist
-from orpo_dist.collate import PaddedCollator
-from orpo_dist.loss import forward_parts
-from orpo_dist.trainer import Trainer
+from orpo_dist.layouts import PaddedCollator
+from orpo_dist.loss import batch_counts
 
 BETA = 0.3
-
-
-def _pair(tokenizer, prompt, chosen, rejected, i):
-    eos = tokenizer.eos_token_id
-    return {
-        "id": i,
-        "prompt_ids": tokenizer(prompt)["input_ids"],
-        "chosen_ids": tokenizer(chosen, add_special_tokens=False)["input_ids"] + [eos],
-        "rejected_ids": tokenizer(rejected, add_special_tokens=False)["input_ids"] + [eos],
-    }
 
 
 def _micro_batches(tokenizer):
@@ -58,7 +48,7 @@ def _micro_batches(tokenizer):
     i = 0
     micro = []
     for group in texts:
-        micro.append([_pair(tokenizer, *t, i + j) for j, t in enumerate(group)])
+        micro.append([tokenized_pair(tokenizer, *t, i + j) for j, t in enumerate(group)])
         i += len(group)
     return micro
 
@@ -76,20 +66,20 @@ def test_accumulated_gradient_equals_one_big_batch(tiny_model, tokenizer):
     collate = PaddedCollator(tokenizer.pad_token_id)
     micro = [collate(m) for m in _micro_batches(tokenizer)]
     big = collate([ex for m in _micro_batches(tokenizer) for ex in m])
-    nll_counts = [Trainer.counts(b)[0].item() for b in micro]
+    nll_counts = [batch_counts(b)[0].item() for b in micro]
     assert len(set(nll_counts)) == 3 and max(nll_counts) > 2 * min(nll_counts)  # lengths really differ
 
     def one_big_batch():
-        forward_parts(model, model.lm_head, big, 16).loss(BETA).backward()
+        orpo_forward(model, big, 16).loss(BETA).backward()
 
     def accumulated():  # the trainer's rule (trainer.py: counts of the whole step, then sum of micro losses)
-        nll_tokens, pairs = sum(Trainer.counts(b) for b in micro).tolist()
+        nll_tokens, pairs = sum(batch_counts(b) for b in micro).tolist()
         for b in micro:
-            forward_parts(model, model.lm_head, b, 16).loss(BETA, nll_tokens, pairs).backward()
+            orpo_forward(model, b, 16).loss(BETA, nll_tokens, pairs).backward()
 
     def naive_mean_of_means():  # what a per-micro-batch mean averaged over k micro-batches gives
         for b in micro:
-            (forward_parts(model, model.lm_head, b, 16).loss(BETA) / len(micro)).backward()
+            (orpo_forward(model, b, 16).loss(BETA) / len(micro)).backward()
 
     want = _grads(model, one_big_batch)
     got = _grads(model, accumulated)
@@ -110,9 +100,9 @@ def test_filler_micro_batch_adds_nothing(tiny_model, tokenizer):
     filler = collate([{**groups[2][0], "weight": 0.0}])
 
     def run(batches):
-        nll_tokens, pairs = sum(Trainer.counts(b) for b in batches).tolist()
+        nll_tokens, pairs = sum(batch_counts(b) for b in batches).tolist()
         for b in batches:
-            forward_parts(model, model.lm_head, b, 16).loss(BETA, nll_tokens, pairs).backward()
+            orpo_forward(model, b, 16).loss(BETA, nll_tokens, pairs).backward()
 
     want = _grads(model, lambda: run(micro))
     got = _grads(model, lambda: run([*micro, filler]))
@@ -123,27 +113,10 @@ def test_filler_micro_batch_adds_nothing(tiny_model, tokenizer):
 
 
 def _train(tmp_path, name, tiny_model_dir, **overrides):
-    cfg = {
-        "model": str(tiny_model_dir),
-        "data_path": "builtin:case_rule",
-        "max_samples": 18,
-        "eval_split": 0,
-        "eval_on_start": False,
-        "max_length": 64,
-        "max_prompt_length": 48,
-        "max_steps": 3,
-        "lr": 1e-2,
-        "warmup_ratio": 0,
-        "scheduler": "linear",
-        "max_grad_norm": 0,
-        "beta": BETA,
-        "logging_steps": 1,
-        "save_steps": None,
-        "seed": 7,
-        "log": "none",
-        "output_dir": str(tmp_path / name),
-        **overrides,
-    }
+    cfg = tiny_run(
+        tmp_path / name, model=str(tiny_model_dir), max_samples=18, max_steps=3, lr=1e-2, scheduler="linear",
+        beta=BETA, seed=7, **overrides,
+    )  # fmt: skip
     return orpo_dist.train(cfg)
 
 

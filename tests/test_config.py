@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
-from orpo_dist.config import ALIASES, LEAVES, Config, ConfigError, load_config
-from orpo_dist.train import parse, quickstart_preset
-
-REPO = Path(__file__).resolve().parents[1]
+from orpo_dist.cli import parse, quickstart_preset
+from orpo_dist.config import ALIASES, LEAVES, SWITCHES, Config, ConfigError, load_config
 
 
 def test_defaults_are_valid_and_roundtrip_through_yaml(tmp_path):
@@ -22,7 +21,7 @@ def test_defaults_are_valid_and_roundtrip_through_yaml(tmp_path):
         "model",
         "data",
         "orpo",
-        "lora",
+        "peft",
         "train",
         "export",
     }
@@ -33,11 +32,13 @@ def test_flat_and_nested_yaml_are_the_same(tmp_path):
     flat.write_text("model: m\nlr: 1.0e-4\nbeta: 0.2\nlora_r: 8\npeft: true\n")
     nested = tmp_path / "nested.yaml"
     nested.write_text(
-        "model: {model: m}\ntrain: {lr: 1e-4}\norpo: {beta: 0.2}\nlora: {lora_r: 8, peft: true}\n"
+        "model: {model: m}\ntrain: {lr: 1e-4}\norpo: {beta: 0.2}\npeft: {lora_r: 8, use_peft: true}\n"
     )
-    assert load_config(flat) == load_config(nested)
+    old = tmp_path / "old.yaml"  # an orpo_config.yaml written before the section was renamed
+    old.write_text("model: {model: m}\ntrain: {lr: 1e-4}\norpo: {beta: 0.2}\nlora: {lora_r: 8, peft: true}\n")
+    assert load_config(flat) == load_config(nested) == load_config(old)
     cfg = load_config(flat)
-    assert (cfg.model.model, cfg.train.lr, cfg.orpo.beta, cfg.lora.lora_r) == ("m", 1e-4, 0.2, 8)
+    assert (cfg.model.model, cfg.train.lr, cfg.orpo.beta, cfg.peft.lora_r) == ("m", 1e-4, 0.2, 8)
 
 
 @pytest.mark.parametrize(
@@ -46,17 +47,18 @@ def test_flat_and_nested_yaml_are_the_same(tmp_path):
         ["--lora-r", "8"],
         ["--lora_r", "8"],
         ["--lora-r=8"],
-        ["--lora.lora_r", "8"],
+        ["--peft.lora_r", "8"],
+        ["--lora.lora_r", "8"],  # the section's name before it was `peft`
     ],
 )
 def test_flag_spellings(argv):
-    assert load_config(None, argv).lora.lora_r == 8
+    assert load_config(None, argv).peft.lora_r == 8
 
 
 def test_bare_boolean_flags_as_in_autotrain():
     cfg = load_config(None, ["--peft", "--gradient-checkpointing", "--lr", "2e-5"])
-    assert cfg.lora.peft and cfg.model.gradient_checkpointing and cfg.train.lr == 2e-5
-    assert load_config(None, ["--peft", "false"]).lora.peft is False
+    assert cfg.peft.use_peft and cfg.model.gradient_checkpointing and cfg.train.lr == 2e-5
+    assert load_config(None, ["--peft", "false"]).peft.use_peft is False
     assert load_config(None, ["--skip-invalid", "--peft"]).data.skip_invalid is True
 
 
@@ -110,8 +112,8 @@ def test_autotrain_llm_training_params_names():
         1024,
     )
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.gradient_accumulation) == (3, 2, 8)
-    assert cfg.train.lr == 3e-5 and cfg.lora.peft and cfg.lora.quantization == "int4"
-    assert (cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (32, 64, 0.1)
+    assert cfg.train.lr == 3e-5 and cfg.peft.use_peft and cfg.peft.quantization == "int4"
+    assert (cfg.peft.lora_r, cfg.peft.lora_alpha, cfg.peft.lora_dropout) == (32, 64, 0.1)
     assert cfg.train.log == "tensorboard" and cfg.train.scheduler == "cosine_with_restarts"
     assert (cfg.train.warmup_ratio, cfg.train.weight_decay, cfg.train.max_grad_norm) == (0.05, 0.01, 0.5)
     assert cfg.train.mixed_precision == "bf16" and cfg.train.seed == 7
@@ -151,9 +153,12 @@ def test_trl_and_axolotl_names():
 
 
 def test_every_alias_points_at_a_real_key():
-    switches = {"load_in_4bit", "load_in_8bit", "bf16", "fp16"}
     for alias, target in ALIASES.items():
-        assert target in LEAVES or target in switches, (alias, target)
+        assert target in LEAVES, (alias, target)
+    for switch, (target, value) in SWITCHES.items():
+        cfg = load_config(None, {"peft": True, switch: True})
+        section = LEAVES[target][0]
+        assert getattr(getattr(cfg, section), target) == value, switch
 
 
 def test_unknown_key_names_the_closest_valid_one():
@@ -181,12 +186,43 @@ def test_type_errors_name_the_key_and_value():
 
 
 def test_resume_spellings():
-    assert load_config(None, {"resume": True}).train.resume == "latest"
-    assert load_config(None, {"resume": False}).train.resume is None
+    """`true` means "latest" however it is written (YAML bool, flag text, TRL's name), never a path."""
+    for spelling in [
+        {"resume": True},
+        {"resume": "true"},
+        {"resume_from_checkpoint": True},
+        {"resume": "yes"},
+    ]:
+        assert load_config(None, spelling).train.resume == "latest", spelling
+    for argv in (["--resume", "true"], ["--resume=True"], ["--resume_from_checkpoint", "true"]):
+        assert load_config(None, argv).train.resume == "latest", argv
+    for spelling in [
+        {"resume": False},
+        {"resume": "false"},
+        {"resume_from_checkpoint": False},
+        {"resume": None},
+    ]:
+        assert load_config(None, spelling).train.resume is None, spelling
+    assert load_config(None, ["--resume", "no"]).train.resume is None
+    assert load_config(None, ["--resume", "latest"]).train.resume == "latest"
     assert load_config(None, ["--resume", "auto"]).train.resume == "auto"
     assert (
         load_config(None, {"resume_from_checkpoint": "out/checkpoint-10"}).train.resume == "out/checkpoint-10"
     )
+
+
+def test_export_formats_are_checked_where_they_are_spelled():
+    assert load_config(None, {"export": ["merged_16bit", "gguf"]}).export.formats == ["merged_16bit", "gguf"]
+    assert load_config(None, ["--export", "gguf"]).export.formats == ["gguf"]
+    with pytest.raises(ConfigError, match="'onnx' is not one of"):
+        load_config(None, {"export": "merged_16bit,onnx"})
+    with pytest.raises(ConfigError, match="gguf_quant='q2_k' is not one of"):
+        load_config(None, {"gguf_quant": "q2_k"})
+
+
+def test_shared_prefix_with_flash_attention_is_a_config_error():
+    with pytest.raises(ConfigError, match="layout=shared_prefix with attn_implementation=flash_attention_2"):
+        load_config(None, {"layout": "shared_prefix", "attn_implementation": "flash_attention_2"})
 
 
 def test_yaml_floats_written_without_dot_are_numbers(tmp_path):
@@ -213,7 +249,7 @@ def test_no_config_runs_the_quickstart_preset():
 
 def _shipped_configs() -> list[Path]:
     found = [Path(quickstart_preset())]
-    for folder in ("examples", "tests/slurm", "tests/mp_configs"):
+    for folder in ("examples", "tests/slurm", "tests/configs"):
         found += sorted((REPO / folder).glob("*.yaml"))
     return found
 
@@ -229,8 +265,9 @@ def test_python_api_is_callable_even_after_the_cli_module_is_imported():
 
     import orpo_dist
 
-    importlib.import_module("orpo_dist.train")
-    assert callable(orpo_dist.train)
+    importlib.import_module("orpo_dist.cli")
+    importlib.import_module("orpo_dist.train")  # the `python -m orpo_dist.train` shim
+    assert callable(orpo_dist.train) and orpo_dist.train.__module__ == "orpo_dist"
     with pytest.raises(ConfigError, match="lr=-1.0 must be > 0"):  # validated before anything loads
         orpo_dist.train({"lr": -1})
     with pytest.raises(ConfigError, match="lr=-1.0 must be > 0"):

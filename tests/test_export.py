@@ -19,6 +19,7 @@ import yaml
 from safetensors import safe_open
 
 from orpo_dist import export as ex
+from orpo_dist import gguf as gguf_export
 
 PROMPTS = [
     "Write in capitals: hello\n",
@@ -202,20 +203,20 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="bfloat16"):
         ex.merge_to_16bit(tmp_path / "junk", tmp_path / "out", dtype="int8")
     with pytest.raises(ValueError, match="q4_k_m"):
-        ex.to_gguf(tmp_path, tmp_path / "m.gguf", quant="q2_k")
+        gguf_export.to_gguf(tmp_path, tmp_path / "m.gguf", quant="q2_k")
     with pytest.raises(ValueError, match="merged_16bit"):
         ex.export(tmp_path, tmp_path / "out", ["onnx"])
 
 
 def test_missing_gguf_toolchain_fails_before_merge(lora_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.delenv(ex.CONVERTER_ENV, raising=False)
+    monkeypatch.delenv(gguf_export.CONVERTER_ENV, raising=False)
     monkeypatch.setenv("ORPO_DIST_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises((FileNotFoundError, ImportError), match="install_gguf.sh"):
         ex.export(lora_checkpoint[0], tmp_path / "out", ["merged_16bit", "gguf"])
     assert not (tmp_path / "out").exists()
-    monkeypatch.setenv(ex.CONVERTER_ENV, str(tmp_path / "missing.py"))
-    with pytest.raises(FileNotFoundError, match=ex.CONVERTER_ENV):
-        ex.find_converter()
+    monkeypatch.setenv(gguf_export.CONVERTER_ENV, str(tmp_path / "missing.py"))
+    with pytest.raises(FileNotFoundError, match=gguf_export.CONVERTER_ENV):
+        gguf_export.find_converter()
 
 
 def test_cli_help_and_bad_format(capsys):
@@ -244,7 +245,7 @@ def test_cli_merge(lora_checkpoint, tmp_path, capsys):
 def test_char_vocab_as_sentencepiece_matches_hf(tiny_model_dir, tokenizer, tmp_path):
     """The staged tokenizer.model that the converter reads splits text into the same ids as HF."""
     spm = pytest.importorskip("sentencepiece")
-    stage = ex._stage_for_converter(Path(tiny_model_dir), tmp_path / "stage")
+    stage = gguf_export._stage_for_converter(Path(tiny_model_dir), tmp_path / "stage")
     assert stage != Path(tiny_model_dir) and (stage / "tokenizer.model").is_file()
     assert json.loads((stage / "tokenizer_config.json").read_text())["add_prefix_space"] is False
     sp = spm.SentencePieceProcessor(model_file=str(stage / "tokenizer.model"))
@@ -264,7 +265,7 @@ def _gguf_toolchain():
         except ImportError:
             pytest.skip(f"{mod} not installed: run `bash scripts/install_gguf.sh` for the GGUF toolchain")
     try:
-        ex.find_converter()
+        gguf_export.find_converter()
     except (FileNotFoundError, ImportError) as e:
         pytest.skip(f"GGUF toolchain incomplete: {e}")
 
@@ -287,14 +288,14 @@ def test_gguf_roundtrip(tokenizer, tmp_path):
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
-    from orpo_dist.synthetic import save_builtin_model
+    from orpo_dist.builtin import save_builtin_model
 
     small = save_builtin_model("builtin:small", tmp_path / "small")
     files = ex.export(small, tmp_path / "out", ["merged_16bit", "gguf"], gguf_quant="f16", dtype="float16")
     merged = files["merged_16bit"]
     files_q = {"f16": files["gguf"]}
     for quant in ("q8_0", "q4_k_m"):
-        files_q[quant] = ex.to_gguf(merged, tmp_path / "out" / f"model-{quant}.gguf", quant)
+        files_q[quant] = gguf_export.to_gguf(merged, tmp_path / "out" / f"model-{quant}.gguf", quant)
 
     hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, orpo_forward, tiny_run
 
 import orpo_dist
 
@@ -19,28 +19,14 @@ pytestmark = [
         not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/gpu_checks.sh there)"
     ),
 ]
-REPO = Path(__file__).resolve().parents[1]
-RUN = {
-    "model": "builtin:small",
-    "data_path": "builtin:case_rule",
-    "max_samples": 256,
-    "max_steps": 6,
-    "batch_size": 8,
-    "lr": 1e-3,
-    "eval_split": 0.125,
-    "eval_on_start": False,
-    "logging_steps": 1,
-    "save_steps": 3,
-    "max_length": 64,
-    "max_prompt_length": 48,
-    "mixed_precision": "bf16",
-}
+RUN = dict(model="builtin:small", max_samples=256, max_steps=6, batch_size=8, gradient_accumulation=1, lr=1e-3,
+           eval_split=0.125, save_steps=3, mixed_precision="bf16")  # fmt: skip
 
 
 def test_qlora_int4_on_cuda_trains_with_bf16_compute(tmp_path):
     import bitsandbytes  # noqa: F401  (the GPU image must carry it)
 
-    result = orpo_dist.train({**RUN, "peft": True, "quantization": "int4", "output_dir": str(tmp_path)})
+    result = orpo_dist.train(tiny_run(tmp_path, **RUN, peft=True, quantization="int4"))
     losses = [r["loss"] for r in result.metrics if "loss" in r]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert (result.final_dir / "adapter_model.safetensors").exists()
@@ -49,9 +35,8 @@ def test_qlora_int4_on_cuda_trains_with_bf16_compute(tmp_path):
 def test_flash_or_sdpa_attention_matches_eager_logps(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from orpo_dist.collate import PaddedCollator
-    from orpo_dist.loss import forward_parts
-    from orpo_dist.synthetic import build_tokenizer, save_builtin_model
+    from orpo_dist.builtin import build_tokenizer, save_builtin_model
+    from orpo_dist.layouts import PaddedCollator
 
     path = save_builtin_model("builtin:small", tmp_path / "m")
     tok = build_tokenizer()
@@ -71,7 +56,7 @@ def test_flash_or_sdpa_attention_matches_eager_logps(tmp_path):
             path, dtype=torch.bfloat16, attn_implementation=impl
         ).cuda()
         with torch.no_grad():
-            out[impl] = forward_parts(model, model.lm_head, batch, 64).chosen_logps.float()
+            out[impl] = orpo_forward(model, batch, 64).chosen_logps.float()
     torch.testing.assert_close(out["sdpa"], out["eager"], atol=2e-2, rtol=2e-2)
 
 
@@ -99,10 +84,9 @@ def test_liger_kernels_match_the_plain_model(tmp_path):
     pytest.importorskip("liger_kernel", reason="pip install liger-kernel")
     from transformers import AutoModelForCausalLM
 
-    from orpo_dist.collate import PaddedCollator
-    from orpo_dist.loss import forward_parts
+    from orpo_dist.builtin import build_tokenizer, save_builtin_model
+    from orpo_dist.layouts import PaddedCollator
     from orpo_dist.modeling import apply_fused_kernels
-    from orpo_dist.synthetic import build_tokenizer, save_builtin_model
 
     path = save_builtin_model("builtin:small", tmp_path / "m")
     tok = build_tokenizer()
@@ -113,7 +97,7 @@ def test_liger_kernels_match_the_plain_model(tmp_path):
     for mode in ("none", "liger"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
         assert apply_fused_kernels(model, mode) == mode
-        parts = forward_parts(model, model.lm_head, batch, 64)
+        parts = orpo_forward(model, batch, 64)
         parts.loss(0.1).backward()
         out[mode] = (parts.chosen_logps.float().detach(), model.lm_head.weight.grad.float())
     torch.testing.assert_close(out["liger"][0], out["none"][0], atol=2e-2, rtol=2e-2)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ACCEL as CONFIG_DIR
+from helpers import OFFLINE_ENV, TINY_YAML
+from helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs" / "accelerate"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 SCRIPTS = sorted(
     [
@@ -30,9 +31,15 @@ SCRIPTS = sorted(
         ROOT / "scripts/ci_slurm_setup.sh",
     ]
 )
-TINY = ROOT / "tests" / "slurm" / "tiny_cpu.yaml"
 
 # What each file must configure: (distributed type, processes per machine, machines, DeepSpeed settings).
+ZERO3 = dict(
+    zero_stage=3,
+    offload_optimizer_device="none",
+    offload_param_device="none",
+    zero3_init_flag=True,
+    zero3_save_16bit_model=True,
+)
 EXPECTED = {
     "single_gpu": ("NO", 1, 1, None),
     "multi_gpu": ("MULTI_GPU", 8, 1, None),
@@ -52,38 +59,20 @@ EXPECTED = {
         "DEEPSPEED",
         8,
         1,
-        dict(
-            zero_stage=3,
-            offload_optimizer_device="none",
-            offload_param_device="none",
-            zero3_init_flag=True,
-            zero3_save_16bit_model=True,
-        ),
+        ZERO3,
     ),
     "zero3_offload": (
         "DEEPSPEED",
         8,
         1,
-        dict(
-            zero_stage=3,
-            offload_optimizer_device="cpu",
-            offload_param_device="cpu",
-            zero3_init_flag=True,
-            zero3_save_16bit_model=True,
-        ),
+        dict(ZERO3, offload_optimizer_device="cpu", offload_param_device="cpu"),
     ),
     "fsdp2": ("FSDP", 8, 1, None),
     "multi_node": (
         "DEEPSPEED",
         8,
         2,
-        dict(
-            zero_stage=3,
-            offload_optimizer_device="none",
-            offload_param_device="none",
-            zero3_init_flag=True,
-            zero3_save_16bit_model=True,
-        ),
+        ZERO3,
     ),
 }
 # Values substituted for the shell variables in the documented launch lines.
@@ -134,7 +123,7 @@ def launcher_env(argv: list[str]) -> tuple[object, dict[str, str]]:
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
+def bare_env(monkeypatch):
     for key in list(os.environ):
         if key.startswith(("ACCELERATE_", "FSDP_")) or key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
             monkeypatch.delenv(key)
@@ -177,8 +166,8 @@ def test_header_documents_its_launch_line(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_launch_line_gives_the_intended_processes(path, clean_env):
-    clean_env.chdir(ROOT)
+def test_launch_line_gives_the_intended_processes(path, bare_env):
+    bare_env.chdir(ROOT)
     args, env = launcher_env(launch_line(path))
     dist_type, per_machine, machines, _ = EXPECTED[path.stem]
     assert args.num_processes == per_machine * machines
@@ -195,17 +184,17 @@ def test_launch_line_gives_the_intended_processes(path, clean_env):
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if EXPECTED[p.stem][3]], ids=lambda p: p.stem)
-def test_deepspeed_plugin(path, clean_env):
+def test_deepspeed_plugin(path, bare_env):
     from accelerate.utils import DeepSpeedPlugin
 
-    clean_env.chdir(ROOT)
+    bare_env.chdir(ROOT)
     _, env = launcher_env(launch_line(path))
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
     # the trainer owns accumulation and clipping (it writes them into the DeepSpeed config); a value
     # from the launcher would override --gradient_accumulation through ACCELERATE_GRADIENT_ACCUMULATION_STEPS
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and "ACCELERATE_GRADIENT_CLIPPING" not in env
     for key, value in env.items():
-        clean_env.setenv(key, value)
+        bare_env.setenv(key, value)
     plugin = DeepSpeedPlugin()
     for key, value in EXPECTED[path.stem][3].items():
         assert getattr(plugin, key) == value, key
@@ -216,15 +205,15 @@ def test_deepspeed_plugin(path, clean_env):
     assert plugin.deepspeed_config["gradient_accumulation_steps"] == "auto"
 
 
-def test_fsdp2_plugin(clean_env):
+def test_fsdp2_plugin(bare_env):
     """Configuration only: FSDP2 through accelerate does not train on CPU, so it is run on GPUs."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    clean_env.chdir(ROOT)
+    bare_env.chdir(ROOT)
     _, env = launcher_env(launch_line(CONFIG_DIR / "fsdp2.yaml"))
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     for key, value in env.items():
-        clean_env.setenv(key, value)
+        bare_env.setenv(key, value)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2
     assert plugin.reshard_after_forward is True
@@ -255,7 +244,7 @@ def test_script_syntax_and_help(path):
 
 
 def test_slurm_script_outside_a_job_says_so():
-    out = run(["bash", "slurm/orpo.sh", str(TINY)], env={"SLURM_JOB_ID": ""})
+    out = run(["bash", "slurm/orpo.sh", str(TINY_YAML)], env={"SLURM_JOB_ID": ""})
     assert out.returncode == 2 and "sbatch" in out.stderr
 
 
@@ -347,10 +336,9 @@ def test_launcher_trains_with_two_connected_ranks(name, tmp_path):
         **env,
         "ORPO_CPU": "1",
         "PYTHON": sys.executable,
-        "CONFIG": str(TINY),
+        "CONFIG": str(TINY_YAML),
         "MASTER_PORT": port,
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
+        **OFFLINE_ENV,
     }
     out = run(
         ["bash", script, "--output_dir", str(tmp_path), "--max_steps", "3", "--eval_split", "0"],

@@ -5,24 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import tiny_run
 
 import orpo_dist
 
-RUN = {
-    "model": "builtin:tiny",
-    "data_path": "builtin:case_rule",
-    "max_samples": 48,
-    "max_steps": 3,
-    "batch_size": 4,
-    "lr": 1e-3,
-    "eval_split": 0,
-    "eval_on_start": False,
-    "logging_steps": 1,
-    "save_steps": None,
-    "max_length": 64,
-    "max_prompt_length": 48,
-    "warmup_ratio": 0,
-}
+RUN = dict(max_samples=48, max_steps=3, batch_size=4, gradient_accumulation=1, lr=1e-3, save_steps=None)
 
 
 def _losses(result) -> list[float]:
@@ -30,24 +17,22 @@ def _losses(result) -> list[float]:
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
-    plain = _losses(orpo_dist.train({**RUN, "output_dir": str(tmp_path / "a")}))
-    ckpt = _losses(
-        orpo_dist.train({**RUN, "output_dir": str(tmp_path / "b"), "gradient_checkpointing": True})
-    )
+    plain = _losses(orpo_dist.train(tiny_run(tmp_path / "a", **RUN)))
+    ckpt = _losses(orpo_dist.train(tiny_run(tmp_path / "b", **RUN, gradient_checkpointing=True)))
     assert len(plain) == 3
     assert ckpt == pytest.approx(plain, abs=1e-5)
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
-    fp32 = _losses(orpo_dist.train({**RUN, "output_dir": str(tmp_path / "a"), "mixed_precision": "no"}))
-    bf16 = _losses(orpo_dist.train({**RUN, "output_dir": str(tmp_path / "b"), "mixed_precision": "bf16"}))
+    fp32 = _losses(orpo_dist.train(tiny_run(tmp_path / "a", **RUN, mixed_precision="no")))
+    bf16 = _losses(orpo_dist.train(tiny_run(tmp_path / "b", **RUN, mixed_precision="bf16")))
     assert all(math.isfinite(x) for x in bf16)
     assert bf16 != fp32  # autocast really ran in bf16 ...
     assert bf16 == pytest.approx(fp32, rel=2e-2)  # ... and agrees with fp32 to bf16 precision
 
 
 def test_tensorboard_tracker_writes_events(tmp_path):
-    orpo_dist.train({**RUN, "output_dir": str(tmp_path), "log": "tensorboard"})
+    orpo_dist.train(tiny_run(tmp_path, **RUN, log="tensorboard"))
     assert list(tmp_path.rglob("events.out.tfevents.*")), sorted(p.name for p in tmp_path.rglob("*"))
 
 
@@ -56,7 +41,7 @@ def test_wandb_without_a_key_goes_offline_with_a_notice(tmp_path, monkeypatch, c
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc login either
     monkeypatch.setenv("WANDB_SILENT", "true")
-    orpo_dist.train({**RUN, "output_dir": str(tmp_path / "out"), "log": "wandb", "run_name": "t"})
+    orpo_dist.train(tiny_run(tmp_path / "out", **RUN, log="wandb", run_name="t"))
     out = capsys.readouterr().out
     assert "wandb: no API key found; logging offline" in out
     assert list((tmp_path / "out").rglob("offline-run-*")), "no offline wandb run directory"

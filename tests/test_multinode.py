@@ -7,7 +7,6 @@ and a launcher that fails brings the other down, so a rendezvous that never comp
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,14 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_env import clean_env, free_port
+from helpers import ACCEL, REPO, TINY_YAML, free_port, launch_env, read_jsonl
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-ACCEL = REPO / "configs" / "accelerate"
-TRAIN_YAML = Path(__file__).parent / "mp_configs" / "tiny_train.yaml"
-N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tiny_train.yaml: 5 steps per epoch
+N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tests/configs/tiny.yaml: 5 steps per epoch
 TIMEOUT = 420
 
 
@@ -69,10 +65,6 @@ def run_nodes(script: str, envs: list[dict[str, str]], args: list[str], cwd: Pat
     return [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.mark.parametrize(
     ("script", "accel_config", "distributed"),
     [
@@ -100,8 +92,8 @@ def test_two_nodes_train_checkpoint_and_finish_together(
     )
     if accel_config:
         common["ACCEL_CONFIG"] = str(ACCEL / accel_config)
-    envs = [clean_env(**common, NODE_RANK=str(rank)) for rank in (0, 1)]
-    args = ["--config", str(TRAIN_YAML), "--model", str(tiny_model_dir), "--output_dir", str(out)]
+    envs = [launch_env(**common, NODE_RANK=str(rank)) for rank in (0, 1)]
+    args = ["--config", str(TINY_YAML), "--model", str(tiny_model_dir), "--output_dir", str(out)]
     results = run_nodes(script, envs, args, cwd=tmp_path)
 
     for node, (rc, log) in enumerate(results):

@@ -2,7 +2,7 @@
 
 Each run asserts the world size and strategy it got and which pairs each rank trained on (the trainer's
 `ORPO_DIST_TRACE_DIR` trace), because several CPU launch spellings silently run one process or
-unconnected ones (DESIGN.md). Launch recipes, as the shipped configs' comments say:
+unconnected ones (docs/architecture.md, "Where rank-aware code lives"). Launch recipes, as the shipped configs' comments say:
 - DDP:        ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/multi_gpu.yaml
 - DeepSpeed:  accelerate launch --config_file configs/accelerate/zero{2,3}.yaml, WITHOUT ACCELERATE_USE_CPU
               (it turns DeepSpeed off: accelerate would quietly run plain DDP); the trainer picks gloo.
@@ -14,25 +14,18 @@ The first DeepSpeed launch on a machine compiles a small extension (~80 s); late
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from launch_env import clean_env, free_port
+from helpers import ACCEL, TINY_YAML, free_port, launch_env, read_jsonl, run_process
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-ACCEL = REPO / "configs" / "accelerate"
-TRAIN_YAML = Path(__file__).parent / "mp_configs" / "tiny_train.yaml"
-N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tiny_train.yaml
+N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tests/configs/tiny.yaml
 GLOBAL_BATCH = 8
 STEPS_PER_EPOCH = -(-N_PAIRS // GLOBAL_BATCH)
 TIMEOUT = 600  # a hung collective fails the test instead of blocking CI
@@ -43,30 +36,6 @@ STRATEGIES = {
     "zero2": (["--config_file", str(ACCEL / "zero2.yaml")], {}, "DEEPSPEED"),
     "zero3": (["--config_file", str(ACCEL / "zero3.yaml")], {}, "DEEPSPEED"),
 }
-
-
-def run_process(cmd: list[str], env: dict[str, str], cwd: Path, timeout: int = TIMEOUT) -> tuple[int, str]:
-    """Run in its own process group, so a timeout kills the launcher and every rank it started."""
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s (hung collective?): {' '.join(cmd)}\n{out[-4000:]}")
-    return proc.returncode, out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @dataclass
@@ -107,9 +76,9 @@ def launch(
     trace = tmp / f"trace-{name}"
     trace.mkdir(parents=True)
     before = len(read_jsonl(out / "metrics.jsonl"))
-    train = ["-m", "orpo_dist.train", "--config", str(TRAIN_YAML)]
+    train = ["-m", "orpo_dist.train", "--config", str(TINY_YAML)]
     train += ["--model", str(model_dir), "--output_dir", str(out)]
-    env = clean_env(ORPO_DIST_TRACE_DIR=str(trace))
+    env = launch_env(ORPO_DIST_TRACE_DIR=str(trace))
     if strategy is None:
         cmd = [sys.executable, *train]
     else:
@@ -117,7 +86,7 @@ def launch(
         env.update(strategy_env)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, "--num_processes", "2"]
         cmd += ["--mixed_precision", "no", "--main_process_port", str(free_port()), *train]
-    rc, log = run_process([*cmd, *overrides], env, cwd=tmp)
+    rc, log = run_process([*cmd, *overrides], env, cwd=tmp, timeout=TIMEOUT)
     trace_rows = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
     return Run(rc, log, out, read_jsonl(out / "metrics.jsonl")[before:], trace_rows)
 
@@ -367,7 +336,7 @@ def test_lora_under_zero3_matches_ddp(runs):
 )
 def test_a_bad_launch_fails_loudly(tmp_path, tiny_model_dir, how, message):
     """Launches that would otherwise train silently on one rank, unsynchronised ranks, or without ZeRO."""
-    train = ["-m", "orpo_dist.train", "--config", str(TRAIN_YAML), "--model", str(tiny_model_dir)]
+    train = ["-m", "orpo_dist.train", "--config", str(TINY_YAML), "--model", str(tiny_model_dir)]
     train += ["--output_dir", str(tmp_path / "out")]
     accelerate = [
         sys.executable,
@@ -380,12 +349,12 @@ def test_a_bad_launch_fails_loudly(tmp_path, tiny_model_dir, how, message):
     ]
     accelerate += ["--main_process_port", str(free_port())]
     if how == "world_size_env":  # env says 2 processes, but a plain `python` (no launcher) starts one
-        cmd, env = [sys.executable, *train], clean_env(WORLD_SIZE="2")
+        cmd, env = [sys.executable, *train], launch_env(WORLD_SIZE="2")
     elif how == "multi_gpu_without_cpu_flag":
-        cmd, env = [*accelerate, "--multi_gpu", *train], clean_env()
+        cmd, env = [*accelerate, "--multi_gpu", *train], launch_env()
     else:
         cmd = [*accelerate, "--config_file", str(ACCEL / "zero3.yaml"), *train]
-        env = clean_env(ACCELERATE_USE_CPU="true")
+        env = launch_env(ACCELERATE_USE_CPU="true")
     rc, log = run_process(cmd, env, cwd=tmp_path, timeout=300)
     assert rc != 0, log[-4000:]
     assert message in log, log[-4000:]

@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_run
 
 import orpo_dist
 from orpo_dist.config import load_config
 from orpo_dist.modeling import choose_backend, load_model, quantization_config
-
-TINY_RUN = {
-    "model": "builtin:tiny",
-    "data_path": "builtin:case_rule",
-    "max_samples": 64,
-    "max_steps": 4,
-    "batch_size": 4,
-    "lr": 1e-3,
-    "eval_split": 0.25,
-    "eval_on_start": False,
-    "logging_steps": 1,
-    "save_steps": 2,
-    "max_length": 64,
-    "max_prompt_length": 48,
-}
 
 
 def test_qlora_int4_trains_on_cpu_and_saves_an_adapter(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = orpo_dist.train({**TINY_RUN, "peft": True, "quantization": "int4", "output_dir": str(tmp_path)})
+    run = tiny_run(
+        tmp_path, max_samples=64, max_steps=4, eval_split=0.25, save_steps=2, peft=True, quantization="int4"
+    )
+    result = orpo_dist.train(run)
     losses = [r["loss"] for r in result.metrics if "loss" in r]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     final = result.final_dir
@@ -82,8 +71,8 @@ def test_unsloth_style_keys_map_to_ours():
             "use_peft": True,
         },
     )
-    assert cfg.lora.quantization == "int4" and cfg.data.max_length == 2048
-    assert cfg.model.gradient_checkpointing is True and cfg.lora.peft is True
+    assert cfg.peft.quantization == "int4" and cfg.data.max_length == 2048
+    assert cfg.model.gradient_checkpointing is True and cfg.peft.use_peft is True
 
 
 def test_backend_auto_falls_back_with_reasons_and_unsloth_request_is_refused():

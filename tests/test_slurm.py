@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import OFFLINE_ENV, TINY_YAML
+from helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "slurm" / "tiny_cpu.yaml"
+# the tiny run, longer: ~20 s a job on 2 CPU ranks
+RUN_FLAGS = ["--max_samples", "400", "--eval_split", "0.1", "--max_steps", "20", "--save_steps", "5"]
 STEPS = 200  # optimizer steps of the preempted run
 SETUP_HINT = "start one with `sudo bash scripts/ci_slurm_setup.sh`"
 
@@ -57,9 +59,7 @@ def submit(
         "ORPO_CPU": "1",
         "GPUS_PER_NODE": str(ranks),
         "PYTHON": sys.executable,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
+        **OFFLINE_ENV,
         **env,
     }
     cmd = [
@@ -72,9 +72,10 @@ def submit(
         f"--output={tmp_path}/job-%j.out",
         "--wait" if wait else "--parsable",
         "slurm/orpo.sh",
-        str(TINY),
+        str(TINY_YAML),
         "--output_dir",
         str(tmp_path / "run"),
+        *RUN_FLAGS,
         *extra,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=300)

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import OFFLINE_ENV, REPO, orpo_forward, tiny_run
 from safetensors.torch import load_file
 
 import orpo_dist
 from orpo_dist.config import load_config
-from orpo_dist.trainer import PREEMPTED_EXIT_CODE, Trainer, exit_code
+from orpo_dist.metrics import MetricsLog
+from orpo_dist.trainer import PREEMPTED_EXIT_CODE, exit_code
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = [
     "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
     "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm",
@@ -34,15 +35,7 @@ EVAL_KEYS = [f"eval_{k}" for k in TRAIN_KEYS[:10]]
 
 def _env() -> dict[str, str]:
     # one intra-op thread: on a shared 2-core machine torch's default threads make tiny ops ~100x slower
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "TRL_EXPERIMENTAL_SILENCE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    return {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -57,7 +50,7 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def test_training_restores_the_callers_signal_handlers(tmp_path):
-    """trainer.Preemption hands SIGUSR1/SIGTERM back after training (Python-API callers stay stoppable)."""
+    """distributed.Preemption hands SIGUSR1/SIGTERM back after training (Python-API callers stay stoppable)."""
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     run = {**E2E_CONFIG, "max_samples": 32, "max_steps": 1, "eval_split": 0, "output_dir": str(tmp_path)}
     orpo_dist.train(run)
@@ -66,23 +59,14 @@ def test_training_restores_the_callers_signal_handlers(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the quickstart-like run
 
+# The quickstart preset on 600 of its 2000 pairs, logging every 5 steps.
 E2E_CONFIG = {
-    "model": "builtin:tiny",
-    "data_path": "builtin:case_rule",
+    **yaml.safe_load((REPO / "orpo_dist" / "presets" / "quickstart.yaml").read_text()),
     "max_samples": 600,
-    "max_length": 64,
-    "max_prompt_length": 48,
-    "eval_split": 0.1,
-    "epochs": 1,
-    "batch_size": 16,
-    "lr": 3.0e-3,
-    "warmup_ratio": 0.05,
-    "scheduler": "cosine",
-    "beta": 0.5,
     "logging_steps": 5,
     "save_steps": None,
-    "seed": 42,
 }
+E2E_CONFIG.pop("output_dir")
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +137,8 @@ def test_e2e_config_yaml_is_the_resolved_config(e2e_run):
 def test_e2e_final_model_loads_and_is_the_trained_one(e2e_run, tokenizer):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from orpo_dist.collate import PaddedCollator
     from orpo_dist.data import build_datasets
-    from orpo_dist.loss import forward_parts
+    from orpo_dist.layouts import PaddedCollator
 
     out, rows, _, _ = e2e_run
     final = out / "final"
@@ -174,7 +157,7 @@ def test_e2e_final_model_loads_and_is_the_trained_one(e2e_run, tokenizer):
     _, eval_ds, _ = build_datasets(cfg.data, tok, cfg.train.seed)
     batch = PaddedCollator(tok.pad_token_id)(list(eval_ds))
     with torch.no_grad():
-        parts = forward_parts(model, model.lm_head, batch, 1024)
+        parts = orpo_forward(model, batch, 1024)
     last_eval = [r for r in rows if "eval_loss" in r][-1]
     assert parts.loss(0.5).item() == pytest.approx(last_eval["eval_loss"], abs=1e-4)
     accuracy = (parts.metric_sums(0.5)["rewards/accuracies"] / parts.pairs).item()
@@ -188,12 +171,10 @@ def test_peft_run_saves_an_adapter_that_peft_loads(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = orpo_dist.train({
-        "model": str(tiny_model_dir), "data_path": "builtin:case_rule", "max_samples": 24, "eval_split": 0,
-        "eval_on_start": False, "max_length": 64, "max_prompt_length": 48, "max_steps": 3, "batch_size": 8,
-        "lr": 1e-2, "peft": True, "lora_r": 4, "lora_alpha": 8, "logging_steps": 1, "save_steps": None,
-        "log": "none", "output_dir": str(tmp_path / "peft"),
-    })  # fmt: skip
+    result = orpo_dist.train(tiny_run(
+        tmp_path / "peft", model=str(tiny_model_dir), max_samples=24, max_steps=3, batch_size=8,
+        gradient_accumulation=1, lr=1e-2, peft=True, save_steps=None,
+    ))  # fmt: skip
     final = result.final_dir
     assert (final / "adapter_model.safetensors").exists() and (final / "adapter_config.json").exists()
     assert not (final / "model.safetensors").exists()  # the adapter, not a copy of the base
@@ -218,12 +199,10 @@ def test_peft_run_saves_an_adapter_that_peft_loads(tmp_path, tiny_model_dir):
 def _resume_config(output_dir: Path, tiny_model_dir) -> dict:
     # 18 pairs, global batch 4 (2 x accumulation 2): 5 steps per epoch, the last one ragged (a filler
     # slot); 8 steps cross into epoch 1. Linear schedule with warmup: the scheduler state matters too.
-    return {
-        "model": str(tiny_model_dir), "data_path": "builtin:case_rule", "max_samples": 18, "eval_split": 0,
-        "eval_on_start": False, "max_length": 64, "max_prompt_length": 48, "max_steps": 8, "batch_size": 2,
-        "gradient_accumulation": 2, "lr": 5e-3, "scheduler": "linear", "warmup_ratio": 0.25, "logging_steps": 1,
-        "save_steps": 4, "seed": 3, "log": "none", "output_dir": str(output_dir),
-    }  # fmt: skip
+    return tiny_run(
+        output_dir, model=str(tiny_model_dir), max_samples=18, max_steps=8, lr=5e-3, scheduler="linear",
+        warmup_ratio=0.25, save_steps=4, seed=3,
+    )  # fmt: skip
 
 
 def test_resume_after_preemption_is_exact(tmp_path, tiny_model_dir, monkeypatch):
@@ -231,14 +210,14 @@ def test_resume_after_preemption_is_exact(tmp_path, tiny_model_dir, monkeypatch)
     assert a.global_step == 8 and not a.preempted
 
     # B1: the same run, preempted by SIGUSR1 (SLURM's warning signal) right after step 4's checkpoint
-    write_metrics = Trainer.write_metrics
+    write_metrics = MetricsLog.write
 
     def signal_at_step_4(self, row):
         write_metrics(self, row)
         if row.get("step") == 4 and "loss" in row:
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    monkeypatch.setattr(Trainer, "write_metrics", signal_at_step_4)
+    monkeypatch.setattr(MetricsLog, "write", signal_at_step_4)
     b1 = orpo_dist.train(_resume_config(tmp_path / "b", tiny_model_dir))
     monkeypatch.undo()
     assert b1.preempted and b1.global_step == 4 and b1.final_dir is None
@@ -274,6 +253,13 @@ def test_cli_help_exits_0():
     proc = _cli("--help", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "usage: python -m orpo_dist.train" in proc.stdout and "--lr" in proc.stdout
+
+
+def test_console_script_is_the_same_cli():
+    script = Path(sys.executable).parent / "orpo-dist"
+    assert script.exists(), f"{script} missing: install the package (pip install -e .)"
+    proc = subprocess.run([str(script), "--help"], env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage: python -m orpo_dist.train" in proc.stdout, proc.stderr
 
 
 def test_cli_unknown_flag_exits_2_naming_the_closest_key(tmp_path):

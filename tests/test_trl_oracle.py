@@ -17,11 +17,12 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from orpo_dist.collate import PaddedCollator  # noqa: E402
+from helpers import orpo_forward  # noqa: E402
+
+from orpo_dist.builtin import case_rule_pairs  # noqa: E402
 from orpo_dist.config import DataConfig  # noqa: E402
-from orpo_dist.loss import forward_parts  # noqa: E402
-from orpo_dist.synthetic import case_rule_pairs  # noqa: E402
-from orpo_dist.trainer import METRIC_KEYS as METRICS  # noqa: E402
+from orpo_dist.layouts import PaddedCollator  # noqa: E402
+from orpo_dist.loss import PAIR_METRICS as METRICS  # noqa: E402
 
 BETA = 0.2
 
@@ -100,7 +101,7 @@ def test_same_token_ids_as_trl(setup, tokenizer):
 
 
 def _ours(model, batch, chunk_size):
-    parts = forward_parts(model, model.lm_head, batch, chunk_size)
+    parts = orpo_forward(model, batch, chunk_size)
     pairs = parts.pairs
     metrics = {k: (v / pairs).item() for k, v in parts.metric_sums(BETA).items()}
     metrics["nll_loss"] = (parts.nll_sum / parts.nll_tokens).item()

@@ -1,4 +1,4 @@
-"""Padding-free layouts (packed, shared prefix) and the fused log-prob kernel, against the plain paths.
+"""Batch layouts (packed, shared prefix) against the padded layout, and their attention masks.
 
 Every switch must give the padded layout's numbers: per-pair log-probs, the loss parts and every
 parameter gradient, within float32 tolerance, for both NLL scopes and for pairs of very different
@@ -12,13 +12,18 @@ import random
 
 import pytest
 import torch
+from helpers import orpo_forward, tiny_run
 from torch import nn
 
-from orpo_dist import loss as loss_mod
-from orpo_dist.collate import PaddedCollator, make_collator
 from orpo_dist.config import load_config
-from orpo_dist.loss import LinearTokenLogps, forward_parts, token_logps
-from orpo_dist.packing import PackedCollator, SharedPrefixCollator, shared_prefix_attention_mask
+from orpo_dist.layouts import (
+    PackedCollator,
+    PaddedCollator,
+    SharedPrefixCollator,
+    make_collator,
+    shared_prefix_attention_mask,
+)
+from orpo_dist.loss import batch_counts
 
 LAYOUTS = ["packed", "shared_prefix"]
 SCOPES = ["prompt_completion", "completion"]
@@ -46,7 +51,7 @@ def _pairs(vocab: int, lengths=LENGTHS, seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def random_ids_model_dir(tmp_path_factory):
     """A 2-layer Llama (GQA, RoPE) saved and loaded as an ordinary checkpoint; token ids are random."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,11 +64,11 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
-def model(request, tiny_model_dir):
+def model(request, random_ids_model_dir):
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, dtype=torch.float32, attn_implementation=request.param
+        random_ids_model_dir, dtype=torch.float32, attn_implementation=request.param
     )
     torch.manual_seed(0)
     with torch.no_grad():  # a less uniform init, so positions and sequences really differ
@@ -75,7 +80,7 @@ def model(request, tiny_model_dir):
 def _run(model, batch, chunk_size=7):
     """Loss parts and every parameter gradient of one forward/backward."""
     model.zero_grad()
-    parts = forward_parts(model, model.lm_head, batch, chunk_size)
+    parts = orpo_forward(model, batch, chunk_size)
     parts.loss(BETA).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -115,12 +120,10 @@ def test_layout_filler_pair_and_single_pair(model, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_counts_equal_padded(layout):
     """The trainer normalises by these before the forward: they must not depend on the layout."""
-    from orpo_dist.trainer import Trainer
-
     pairs = _pairs(100)
     for scope in SCOPES:
         padded, other = PaddedCollator(0, scope)(pairs), make_collator(layout, 0, scope)(pairs)
-        assert Trainer.counts(other).tolist() == Trainer.counts(padded).tolist()
+        assert batch_counts(other).tolist() == batch_counts(padded).tolist()
         assert other["num_tokens"].item() == padded["num_tokens"].item()
         assert sorted(other["tgt"].tolist()) == sorted(padded["tgt"].tolist())
         assert (other["seq"] >= 0).sum() == (padded["seq"] >= 0).sum()
@@ -185,10 +188,8 @@ def test_training_run_is_the_same_in_every_layout(tmp_path):
 
     rows = {}
     for layout in ["padded", *LAYOUTS]:
-        run = {"model": "builtin:tiny", "data_path": "builtin:case_rule", "max_samples": 96, "max_length": 64,
-               "max_prompt_length": 48, "eval_split": 0.2, "batch_size": 8, "max_steps": 6, "lr": 3e-3,
-               "logging_steps": 2, "save_steps": None, "seed": 0, "layout": layout,
-               "output_dir": str(tmp_path / layout)}  # fmt: skip
+        run = tiny_run(tmp_path / layout, max_samples=96, eval_split=0.2, eval_on_start=True, batch_size=8,
+                       gradient_accumulation=1, max_steps=6, logging_steps=2, save_steps=None, seed=0, layout=layout)  # fmt: skip
         result = orpo_dist.train(run)
         rows[layout] = [{k: v for k, v in r.items() if "tokens_per_second" not in k} for r in result.metrics]
     assert len(rows["padded"]) >= 4
@@ -204,7 +205,7 @@ def test_training_run_is_the_same_in_every_layout(tmp_path):
 
 def _logps(model, batch):
     with torch.no_grad():
-        p = forward_parts(model, model.lm_head, batch, 64)
+        p = orpo_forward(model, batch, 64)
     return p.chosen_logps, p.rejected_logps
 
 
@@ -257,79 +258,9 @@ def test_shared_prefix_mask_by_backend():
         shared_prefix_attention_mask(Fake("flash_attention_2"), batch)
 
 
-# ------------------------------------------------------------------------------------------ fused log-probs
-
-
-def _lp_grads(hidden, head, targets, upstream, chunk_size, fused):
-    hidden = hidden.detach().clone().requires_grad_(True)
-    head.zero_grad()
-    lp = token_logps(hidden, head, targets, chunk_size, fused=fused)
-    (lp * upstream).sum().backward()
-    out = [lp.detach(), hidden.grad, head.weight.grad.clone()]
-    return out + ([head.bias.grad.clone()] if head.bias is not None else [])
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("chunk_size", [1, 6, 37, 1000])
-def test_fused_logps_equal_checkpointed_path(bias, chunk_size):
-    torch.manual_seed(0)
-    n, h, v = 37, 16, 301
-    hidden, head, targets = torch.randn(n, h), nn.Linear(h, v, bias=bias), torch.randint(0, v, (n,))
-    upstream = torch.randn(n)  # any downstream use: each row's gradient differs
-    got = _lp_grads(hidden, head, targets, upstream, chunk_size, fused=True)
-    want = _lp_grads(hidden, head, targets, upstream, chunk_size, fused=False)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-
-
-def test_fused_logps_under_bf16_autocast_backward_outside():
-    """Forward under autocast (the trainer's mixed precision), backward outside it: bf16 matmuls."""
-    torch.manual_seed(0)
-    hidden, head, targets = torch.randn(20, 16), nn.Linear(16, 64, bias=False), torch.randint(0, 64, (20,))
-    upstream = torch.randn(20)
-    results = []
-    for fused in (True, False):
-        x = hidden.clone().requires_grad_(True)
-        head.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            lp = token_logps(x, head, targets, 8, fused=fused)
-        (lp * upstream).sum().backward()
-        results.append((lp.detach(), x.grad, head.weight.grad.clone()))
-    assert results[0][0].dtype == torch.float32 and results[0][2].dtype == torch.float32
-    for g, w in zip(*results):
-        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
-
-
-def test_fused_logps_used_only_for_a_plain_linear_head(monkeypatch):
-    calls = []
-    monkeypatch.setattr(LinearTokenLogps, "apply", lambda *a: calls.append(1) or torch.zeros(a[0].shape[0]))
-    hidden, targets = torch.randn(4, 8), torch.randint(0, 5, (4,))
-    token_logps(hidden, nn.Linear(8, 5), targets, 2)
-    assert calls == [1]
-    sharded = nn.Linear(8, 5)
-    sharded.weight.ds_id = 3  # what a DeepSpeed ZeRO-3 partitioned parameter carries
-    hooked = nn.Linear(8, 5)
-    hooked.register_forward_pre_hook(lambda m, a: None)  # e.g. FSDP2 / accelerate hooks gather weights
-    for head in (sharded, hooked, nn.Sequential(nn.Linear(8, 5))):
-        token_logps(hidden, head, targets, 2)
-    token_logps(hidden, nn.Linear(8, 5), targets, 2, fused=False)
-    assert calls == [1]
-
-
-def test_fused_logps_keep_no_vocab_wide_tensor_for_backward():
-    n, h, v, chunk = 64, 8, 1000, 8
-    hidden = torch.randn(n, h, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        lp = token_logps(hidden, nn.Linear(h, v, bias=False), torch.randint(0, v, (n,)), chunk)
-    lp.sum().backward()
-    assert loss_mod._plain_linear(nn.Linear(h, v))
-    assert sum(saved) <= n * h + v * h + 2 * n  # hidden, weight, targets, lse: no [rows, vocab] logits
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_flex_attention_masks_forward_on_cpu(tiny_model_dir, layout):
+def test_flex_attention_masks_forward_on_cpu(random_ids_model_dir, layout):
     """The FlexAttention path the GPU uses (BlockMask from segment/branch ids, or transformers' own from
     position_ids), forward only: torch has no FlexAttention backward on CPU. Compiles (~5-10 s)."""
     from transformers import AutoModelForCausalLM
@@ -337,7 +268,7 @@ def test_flex_attention_masks_forward_on_cpu(tiny_model_dir, layout):
     got = {}
     for name, impl in [("padded", "sdpa"), (layout, "flex_attention")]:
         m = AutoModelForCausalLM.from_pretrained(
-            tiny_model_dir, dtype=torch.float32, attn_implementation=impl
+            random_ids_model_dir, dtype=torch.float32, attn_implementation=impl
         )
         got[name] = _logps(m.eval(), make_collator(name, 0, "prompt_completion")(_pairs(m.config.vocab_size)))
     for g, w in zip(got[layout], got["padded"]):
@@ -347,24 +278,24 @@ def test_flex_attention_masks_forward_on_cpu(tiny_model_dir, layout):
 # ------------------------------------------------------------------------------------------ GPU only
 
 
+def _run_on_gpu(model_dir, layout: str, attn_implementation: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    m = m.cuda().eval()
+    batch = make_collator(layout, 0, "prompt_completion")(_pairs(m.config.vocab_size))
+    return _run(m, {k: v.cuda() for k, v in batch.items()})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention block masks need a CUDA GPU")
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_flex_attention_layouts_equal_padded_on_gpu(tiny_model_dir, layout):
-    from transformers import AutoModelForCausalLM
+def test_flex_attention_layouts_equal_padded_on_gpu(random_ids_model_dir, layout):
 
-    results = {}
-    for name, impl in [("padded", "sdpa"), (layout, "flex_attention")]:
-        m = AutoModelForCausalLM.from_pretrained(
-            tiny_model_dir, dtype=torch.float32, attn_implementation=impl
-        )
-        m = m.cuda().eval()
-        batch = {
-            k: v.cuda()
-            for k, v in make_collator(name, 0, "prompt_completion")(_pairs(m.config.vocab_size)).items()
-        }
-        results[name] = _run(m, batch)
-    (pg, gg), (pw, gw) = results[layout], results["padded"]
+    (pg, gg), (pw, gw) = [
+        _run_on_gpu(random_ids_model_dir, name, impl, torch.float32)
+        for name, impl in [(layout, "flex_attention"), ("padded", "sdpa")]
+    ]
     torch.testing.assert_close(pg.chosen_logps, pw.chosen_logps, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pg.rejected_logps, pw.rejected_logps, rtol=1e-4, atol=1e-4)
     for name in gw:
@@ -373,21 +304,13 @@ def test_flex_attention_layouts_equal_padded_on_gpu(tiny_model_dir, layout):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA GPU")
-def test_packed_flash_attention_2_equals_padded_on_gpu(tiny_model_dir):
+def test_packed_flash_attention_2_equals_padded_on_gpu(random_ids_model_dir):
     pytest.importorskip("flash_attn", reason="flash-attn is not installed")
-    from transformers import AutoModelForCausalLM
 
-    results = {}
-    for name, impl in [("padded", "sdpa"), ("packed", "flash_attention_2")]:
-        m = AutoModelForCausalLM.from_pretrained(
-            tiny_model_dir, dtype=torch.bfloat16, attn_implementation=impl
-        )
-        m = m.cuda().eval()
-        batch = {
-            k: v.cuda()
-            for k, v in make_collator(name, 0, "prompt_completion")(_pairs(m.config.vocab_size)).items()
-        }
-        results[name] = _run(m, batch)[0]
+    results = {
+        name: _run_on_gpu(random_ids_model_dir, name, impl, torch.bfloat16)[0]
+        for name, impl in [("padded", "sdpa"), ("packed", "flash_attention_2")]
+    }
     torch.testing.assert_close(
         results["packed"].chosen_logps, results["padded"].chosen_logps, rtol=2e-2, atol=2e-2
     )

@@ -1,0 +1,41 @@
+"""The run's settings: typed sections (`schema`), what users write (`load`), validation (`checks`)."""
+
+from orpo_dist.config.checks import problems, validate
+from orpo_dist.config.load import ALIASES, LEAVES, SWITCHES, canonical, load_config, parse_overrides
+from orpo_dist.config.schema import (
+    EXPORT_FORMATS,
+    GGUF_QUANTS,
+    LAYOUTS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    DataConfig,
+    ExportConfig,
+    ModelConfig,
+    OrpoConfig,
+    PeftConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "ALIASES",
+    "EXPORT_FORMATS",
+    "GGUF_QUANTS",
+    "LAYOUTS",
+    "LEAVES",
+    "SECTIONS",
+    "SWITCHES",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ExportConfig",
+    "ModelConfig",
+    "OrpoConfig",
+    "PeftConfig",
+    "TrainConfig",
+    "canonical",
+    "load_config",
+    "parse_overrides",
+    "problems",
+    "validate",
+]

@@ -1,0 +1,63 @@
+"""Validation of a whole config: every bad value and bad combination, each with its value and the fix."""
+
+from __future__ import annotations
+
+from orpo_dist.config.schema import Config, ConfigError
+
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def problems(cfg: Config) -> list[str]:
+    d, t, o, pe = cfg.data, cfg.train, cfg.orpo, cfg.peft
+    at_least_one = dict(
+        batch_size=t.batch_size, gradient_accumulation=t.gradient_accumulation, logging_steps=t.logging_steps,
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length, logps_chunk_size=o.logps_chunk_size,
+        num_proc=d.num_proc, lora_r=pe.lora_r,
+    )  # fmt: skip
+    unset_or_at_least_one = dict(
+        save_steps=t.save_steps, eval_steps=t.eval_steps, eval_batch_size=t.eval_batch_size,
+        max_completion_length=d.max_completion_length, max_samples=d.max_samples,
+    )  # fmt: skip
+    p = [f"{name}={value} must be >= 1" for name, value in at_least_one.items() if value < 1]
+    p += [
+        f"{name}={value} must be >= 1 (or unset)"
+        for name, value in unset_or_at_least_one.items()
+        if value is not None and value < 1
+    ]
+    if t.lr <= 0:
+        p.append(f"lr={t.lr} must be > 0")
+    if o.beta < 0:
+        p.append(f"beta={o.beta} must be >= 0 (0 trains plain SFT on the chosen answers)")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        p.append(f"epochs={t.epochs} and max_steps={t.max_steps}: set epochs > 0 or max_steps > 0")
+    if not 0 <= t.warmup_ratio < 1:
+        p.append(f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    if t.max_grad_norm < 0:
+        p.append(f"max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if not 0 <= d.eval_split < 1:
+        p.append(f"eval_split={d.eval_split} must be a fraction in [0, 1)")
+    if d.max_prompt_length >= d.max_length:
+        p.append(
+            f"max_prompt_length={d.max_prompt_length} must be < max_length={d.max_length} "
+            "so completions keep at least one token"
+        )
+    if not 0 <= pe.lora_dropout < 1:
+        p.append(f"lora_dropout={pe.lora_dropout} must be in [0, 1)")
+    if pe.quantization and not pe.use_peft:
+        p.append(
+            f"quantization={pe.quantization} needs peft: true (4/8-bit weights can only train through LoRA)"
+        )
+    if o.layout == "shared_prefix" and cfg.model.attn_implementation in FLASH_ATTENTION:
+        p.append(
+            f"layout=shared_prefix with attn_implementation={cfg.model.attn_implementation}: flash attention "
+            "cannot express 'rejected sees the prompt but not chosen'. Use attn_implementation: flex_attention "
+            "(GPU), sdpa or eager, or layout: packed with flash attention."
+        )
+    return p
+
+
+def validate(cfg: Config) -> None:
+    """Raise one ConfigError listing every problem, each with its value and the fix."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in found))

@@ -1,0 +1,233 @@
+"""From what users write to a `Config`: YAML files, `--key value` flags, and other tools' names.
+
+`ALIASES` maps AutoTrain `LLMTrainingParams`, TRL, Axolotl and Unsloth spellings onto our keys;
+`SWITCHES` are other tools' booleans that set one of our choices. Values are coerced to the field's
+type here, once; every bad key or value is collected and reported together with the bad combinations.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import Field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from orpo_dist.config.checks import problems
+from orpo_dist.config.schema import SECTIONS, Config, ConfigError
+
+# Other tools' names -> ours.
+ALIASES: dict[str, str] = {
+    # AutoTrain LLMTrainingParams
+    "project_name": "output_dir",
+    "prompt_text_column": "prompt_column",
+    "text_column": "chosen_column",
+    "rejected_text_column": "rejected_column",
+    "dpo_beta": "beta",
+    "valid_split": "eval_data_path",
+    "model_max_length": "max_length",
+    "model_name_or_path": "model",
+    "peft": "use_peft",
+    # TRL / transformers TrainingArguments
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation",
+    "learning_rate": "lr",
+    "lr_scheduler_type": "scheduler",
+    "report_to": "log",
+    "resume_from_checkpoint": "resume",
+    "lora_target_modules": "target_modules",
+    # original ORPO code / Axolotl
+    "alpha": "beta",
+    "orpo_alpha": "beta",
+    "lambda": "beta",
+    "micro_batch_size": "batch_size",
+    "num_epochs": "epochs",
+    "dataset": "data_path",
+    "datasets": "data_path",
+    "val_set_size": "eval_split",
+    "sequence_len": "max_length",
+    # Unsloth
+    "max_seq_length": "max_length",
+    "use_gradient_checkpointing": "gradient_checkpointing",
+    # ours, by the section's name
+    "export": "formats",
+}
+# Boolean switches from other tools that set one of our Literal fields.
+SWITCHES = {
+    "load_in_4bit": ("quantization", "int4"),
+    "load_in_8bit": ("quantization", "int8"),
+    "bf16": ("mixed_precision", "bf16"),
+    "fp16": ("mixed_precision", "fp16"),
+}
+# Sections renamed since checkpoints were first written: an old `orpo_config.yaml` still loads.
+OLD_SECTIONS = {"lora": "peft"}
+
+LEAVES: dict[str, tuple[str, Field]] = {f.name: (s, f) for s, cls in SECTIONS.items() for f in fields(cls)}
+HINTS: dict[str, Any] = {
+    name: hint for cls in SECTIONS.values() for name, hint in typing.get_type_hints(cls).items()
+}
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def canonical(key: str) -> str:
+    """`--lora-r`, `lora_r`, `peft.lora_r` -> the leaf name, aliases resolved."""
+    key = key.lstrip("-").replace("-", "_")
+    if "." in key:
+        section, _, leaf = key.partition(".")
+        if OLD_SECTIONS.get(section, section) in SECTIONS:
+            key = leaf
+    return ALIASES.get(key, key)
+
+
+def _unknown(key: str) -> ConfigError:
+    names = sorted(set(LEAVES) | set(ALIASES) | set(SWITCHES))
+    close = difflib.get_close_matches(key.lstrip("-").replace("-", "_"), names, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run with --help for the list of keys."
+    return ConfigError(f"unknown config key '{key}'.{hint}")
+
+
+def _is_integral(value: Any) -> bool:
+    try:
+        return float(value) == int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise with the value and the type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if isinstance(value, bool) and "no" in args:  # `mixed_precision: false`
+            value = "no"
+        text = str(value).lower() if value is not None else "none"
+        if text not in args:
+            raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
+        return text
+    if origin is list:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        return [_coerce(v, args[0], key) for v in items] if args else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in (*TRUE, "unsloth"):  # Unsloth: use_gradient_checkpointing="unsloth"
+            return True
+        if text in FALSE:
+            return False
+        raise ConfigError(f"{key}={value!r} is not a boolean (use true or false)")
+    if hint in (int, float):
+        try:
+            number = float(value) if hint is float else int(float(value)) if _is_integral(value) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None:
+            raise ConfigError(f"{key}={value!r} is not a{'n integer' if hint is int else ' number'}")
+        return number
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _resume(value: Any) -> str | None:
+    """`resume` as users write it: true / yes -> "latest", false / no / none -> None, else a word or path."""
+    text = str(value).strip().lower() if value is not None else "none"
+    if value is True or text in TRUE:
+        return "latest"
+    if value is False or text in (*FALSE, "none", "null", ""):
+        return None
+    return str(value)
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    leaf = canonical(key)
+    if leaf in SWITCHES:
+        target, chosen = SWITCHES[leaf]
+        if _coerce(value, bool, key):
+            _set(cfg, target, chosen)
+        return
+    if leaf not in LEAVES:
+        raise _unknown(key)
+    if leaf == "eval_data_path" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        leaf = "eval_split"  # AutoTrain / Axolotl `valid_split: 0.05`: a fraction, not a path
+    section, _ = LEAVES[leaf]
+    value = _resume(value) if leaf == "resume" else _coerce(value, HINTS[leaf], key)
+    setattr(getattr(cfg, section), leaf, value)
+
+
+def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """YAML may be flat or nested by section; a section name holding a scalar is that leaf (`model: x`)."""
+    items = []
+    for key, value in data.items():
+        section = OLD_SECTIONS.get(key, key)
+        if section in SECTIONS and isinstance(value, dict):
+            items.extend(value.items())
+        else:
+            items.append((key, value))
+    return items
+
+
+def _is_bool_key(key: str) -> bool:
+    leaf = canonical(key)
+    return leaf in SWITCHES or (leaf in HINTS and HINTS[leaf] is bool)
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """`--key value`, `--key=value`, and bare boolean flags (`--peft`), as AutoTrain accepts them."""
+    items: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options are written --key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if _is_bool_key(key) and has_value and argv[i + 1].lower() not in (*TRUE, *FALSE, "unsloth"):
+                has_value = False  # `--peft data.jsonl`? no: a bare switch followed by something else
+            if has_value:
+                value, i = argv[i + 1], i + 1
+            elif _is_bool_key(key):
+                value = "true"
+            elif canonical(key) not in LEAVES:
+                raise _unknown(key)
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        items.append((key, value))
+        i += 1
+    return items
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
+    """Defaults <- YAML file <- overrides (a dict, or CLI tokens like ['--lr', '1e-4']). Validated."""
+    cfg = Config()
+    items: list[tuple[str, Any]] = []
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        items += _flatten(data)
+    if isinstance(overrides, dict):
+        items += _flatten(overrides)
+    elif overrides:
+        items += parse_overrides(list(overrides))
+    errors = []
+    for key, value in items:
+        try:
+            _set(cfg, key, value)
+        except ConfigError as e:
+            errors.append(str(e))
+    errors += problems(cfg)  # every problem at once: bad values and bad combinations
+    if errors:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
+    return cfg

@@ -1,0 +1,170 @@
+"""The settings, as typed dataclasses: one section per part of the run, one docstring per key.
+
+Every key (leaf) name is unique across sections, so a key can be written flat (`lr: 1e-4`) or under
+its section (`train: {lr: 1e-4}`). A `Literal` type is the list of choices; `load.py` coerces values
+to these types and `checks.py` validates combinations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+Layout = Literal["padded", "packed", "shared_prefix"]
+ExportFormat = Literal["merged_16bit", "gguf"]
+GgufQuant = Literal["q4_k_m", "q8_0", "f16"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+GGUF_QUANTS: tuple[str, ...] = get_args(GgufQuant)
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message lists every problem with its value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    model: str = "builtin:tiny"
+    """HF hub id, a local directory, or `builtin:tiny` / `builtin:small` (made locally, no download)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype on load; `auto` = float32 on CPU, bf16 on GPUs that support it."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you trust the repository."""
+    attn_implementation: str | None = None
+    """`sdpa`, `eager`, `flash_attention_2`, ... (None = transformers' default)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% slower."""
+    backend: Literal["auto", "hf", "unsloth"] = "auto"
+    """`auto` picks Unsloth only when it can run (1 process, CUDA, supported model); else transformers."""
+    fused_kernels: Literal["auto", "liger", "none"] = "auto"
+    """Liger's Triton kernels (RoPE, RMSNorm, SwiGLU): `auto` uses them on CUDA when installed; never required."""
+
+
+@dataclass
+class DataConfig:
+    data_path: str = "builtin:case_rule"
+    """JSONL/JSON/CSV/Parquet file, a `save_to_disk` directory, a hub dataset, or `builtin:case_rule`."""
+    train_split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict directory."""
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    max_length: int = 1024
+    """Max tokens of prompt + completion; longer pairs are truncated (prompt first, then completions)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this keep their last tokens."""
+    max_completion_length: int | None = None
+    """Completions longer than this keep their first tokens (None: only `max_length` applies)."""
+    eval_split: float = 0.1
+    """Fraction of pairs held out for evaluation (0 = no eval)."""
+    eval_data_path: str | None = None
+    """A separate evaluation file/dataset instead of a held-out fraction."""
+    skip_invalid: bool = False
+    """Drop (and count) malformed rows instead of stopping with an error."""
+    max_samples: int | None = None
+    """Use only the first N pairs (quick experiments)."""
+    num_proc: int = 1
+    """Processes for tokenisation (`datasets.map`)."""
+
+
+@dataclass
+class OrpoConfig:
+    beta: float = 0.1
+    """Weight of the odds-ratio term (paper lambda; TRL `beta`; AutoTrain `dpo_beta`; Axolotl `orpo_alpha`)."""
+    nll_scope: Literal["prompt_completion", "completion"] = "prompt_completion"
+    """Tokens in the chosen NLL term: prompt + completion (paper, TRL) or completion only (LLaMA-Factory)."""
+    logps_chunk_size: int = 1024
+    """Token positions per chunk when computing log-probs; the vocab-wide logits exist for one chunk at a time."""
+    layout: Layout = "padded"
+    """Batch layout: `padded` (chosen and rejected padded to one length), `packed` (no pad tokens), or
+    `shared_prefix` (no pad tokens, each prompt run once; needs sdpa, eager or flex_attention)."""
+
+
+@dataclass
+class PeftConfig:
+    use_peft: bool = False
+    """Train LoRA adapters instead of all weights."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    """Comma-separated module names, or `all-linear`."""
+    quantization: Literal["int4", "int8"] | None = None
+    """Load the base in 4-bit (nf4, QLoRA) or 8-bit with bitsandbytes; needs `peft: true`."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/orpo"
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run `epochs`)."""
+    batch_size: int = 8
+    """Pairs per device per micro-batch."""
+    gradient_accumulation: int = 1
+    lr: float = 5e-5
+    scheduler: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "constant",
+        "constant_with_warmup",
+        "polynomial",
+        "inverse_sqrt",
+    ] = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Clip gradients to this norm (0 = no clipping)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """`auto`: what the accelerate launch config says (`no` without one); else forces this."""
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    """Evaluate every N optimizer steps (None: at the end of each epoch)."""
+    save_steps: int | None = 500
+    """Checkpoint every N optimizer steps (None: only at the end)."""
+    save_total_limit: int | None = 2
+    """Keep this many step checkpoints (None: keep all)."""
+    log: Literal["none", "wandb", "tensorboard"] = "none"
+    run_name: str | None = None
+    wandb_project: str = "orpo_dist"
+    resume: str | None = None
+    """`auto`: newest complete checkpoint in output_dir if any, else start fresh (use on SLURM);
+    `latest` / `true`: that checkpoint, which must exist; or a checkpoint path."""
+    eval_on_start: bool = True
+    """Evaluate before the first step, so the log shows the starting held-out preference accuracy."""
+    group_by_length: bool = False
+    """Shard so ranks get similar token counts per step (fewer stragglers)."""
+    eval_batch_size: int | None = None
+
+
+@dataclass
+class ExportConfig:
+    formats: list[ExportFormat] = field(default_factory=list)
+    """At the end of training: any of `merged_16bit`, `gguf` (key `export`)."""
+    gguf_quant: GgufQuant = "q4_k_m"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    orpo: OrpoConfig = field(default_factory=OrpoConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (no secrets: no field holds one)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}

@@ -1,0 +1,101 @@
+"""Preference pairs: load, validate, apply the chat template, tokenise, truncate, split.
+
+The flow is one direction, in three stages:
+
+1. load: every source becomes a list-like of raw rows plus a way to say where a row lives
+   (`line 17` in JSON lines, `row 5` elsewhere), so every message points at the user's file.
+   JSON and JSON lines are read with the `json` module, line by line, because Arrow rejects a
+   malformed line or a mixed-type column as a whole file with an opaque error; CSV, Parquet,
+   `save_to_disk` directories and hub datasets are loaded by `datasets`.
+2. validate + normalise (Python, per row, before any tokenisation): map columns to the standard
+   names, check types and emptiness, extract implicit prompts and apply the chat template with
+   `trl.data_utils`, ending with three strings per pair. The first bad row raises `DataError`,
+   or with `skip_invalid` it is dropped and counted.
+3. tokenise + truncate with a batched `Dataset.map(num_proc=...)`, drop pairs whose completion
+   has no tokens left (they would be 0/0 in the loss), then hold out the eval pairs by `id`.
+
+Modules: `sources` (1), `rows` (2), `tokens` (3), `report` (what happened to every pair).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from orpo_dist.config import DataConfig
+from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, DataError, DataReport
+from orpo_dist.data.rows import normalise_rows
+from orpo_dist.data.sources import Source, load_source, looks_like_hub
+from orpo_dist.data.tokens import tokenize_pairs, truncate_pair
+
+__all__ = ["DataError", "DataReport", "build_datasets", "truncate_pair"]
+
+
+def _eval_ids(n: int, fraction: float, seed: int) -> set[int]:
+    """A seeded held-out set of ids, chosen before validation so length settings never move pairs."""
+    if fraction <= 0 or n < 2:
+        return set()
+    k = min(max(round(n * fraction), 1), n - 1)
+    return {int(i) for i in np.random.default_rng(seed).permutation(n)[:k]}
+
+
+def _eval_source(cfg: DataConfig, seed: int) -> Source:
+    """`eval_data_path` is a file/dataset, or (AutoTrain `valid_split`) a split name of the train source."""
+    path, train = cfg.eval_data_path, Path(cfg.data_path).expanduser()
+    is_split_name = re.fullmatch(r"[\w-]+", path) and not Path(path).expanduser().exists()
+    train_has_splits = (train / "dataset_dict.json").exists() or looks_like_hub(cfg.data_path)
+    if is_split_name and train_has_splits:
+        return load_source(cfg.data_path, path, seed, None)
+    return load_source(path, cfg.train_split, seed, None)
+
+
+def _all_dropped_error(report: DataReport, cfg: DataConfig) -> DataError:
+    reasons = (
+        ", ".join(f"{n} {reason}" for reason, n in report.dropped.items()) or "0 (the source has no pairs)"
+    )
+    if report.dropped.get(EMPTY_AFTER_TRUNCATION):
+        fix = (
+            f"Raise max_length (now {cfg.max_length}) above max_prompt_length (now {cfg.max_prompt_length})."
+        )
+    elif report.dropped:
+        fix = "Fix the rows; run with skip_invalid: false to see the first bad one."
+    else:
+        fix = "Check data_path, train_split and max_samples."
+    return DataError(f"{report.source}: no training pairs left: read {report.read}, dropped {reasons}. {fix}")
+
+
+def build_datasets(
+    cfg: DataConfig, tokenizer, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """Train and eval datasets with columns id, prompt_ids, chosen_ids, rejected_ids, plus the report.
+
+    Eval is a seeded held-out `eval_split` of the train source, or the pairs of `eval_data_path`.
+    """
+    source = load_source(cfg.data_path, cfg.train_split, seed, cfg.max_samples)
+    report = DataReport(source=cfg.data_path, read=len(source.rows), dropped=Counter())
+    texts, report.format = normalise_rows(source, cfg, tokenizer, report.dropped)
+    eval_texts = None
+    if cfg.eval_data_path:
+        eval_source = _eval_source(cfg, seed)
+        report.source += f" + eval: {cfg.eval_data_path}"
+        report.read += len(eval_source.rows)
+        eval_texts, _ = normalise_rows(eval_source, cfg, tokenizer, report.dropped)
+
+    train = tokenize_pairs(texts, tokenizer, cfg, report)
+    if eval_texts is not None:
+        evaluation = tokenize_pairs(eval_texts, tokenizer, cfg, report)
+    else:
+        held_out = _eval_ids(len(source.rows), cfg.eval_split, seed)
+        is_eval = np.isin(np.asarray(train["id"], dtype=np.int64), np.fromiter(held_out, dtype=np.int64))
+        evaluation = train.select(np.flatnonzero(is_eval)) if held_out else None
+        train = train.select(np.flatnonzero(~is_eval))
+    report.dropped = {reason: n for reason, n in report.dropped.items() if n}
+    if len(train) == 0:
+        raise _all_dropped_error(report, cfg)
+    report.used_train = len(train)
+    report.used_eval = len(evaluation) if evaluation is not None else 0
+    return train, (evaluation if report.used_eval else None), report
