@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"orpo_dist: data error: {e}", file=sys.stderr)
         return 2
+    except ConfigError as e:  # what only the launch and the model can tell (sequence parallelism)
+        print(f"orpo_dist: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

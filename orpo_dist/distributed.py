@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from orpo_dist import sequence_parallel
 from orpo_dist.config import Config
 
 log = logging.getLogger("orpo_dist")
@@ -45,12 +46,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     log_with = None if cfg.train.log == "none" else cfg.train.log
+    sequence_parallel.resolve(cfg)  # ConfigError (exit 2) if the launch cannot split sequences as asked
     accelerator = Accelerator(
         mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation,
         log_with=log_with,
         project_dir=cfg.train.output_dir,
         kwargs_handlers=kwargs,
+        parallelism_config=sequence_parallel.parallelism_config(cfg),
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -58,13 +61,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation
         ds["train_batch_size"] = (
-            cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
+            cfg.train.batch_size * cfg.train.gradient_accumulation * data_parallel(accelerator)[0]
         )
         # always ours: left "auto", accelerate fills in 1.0 and max_grad_norm: 0 would still clip (0 = off)
         ds["gradient_clipping"] = cfg.train.max_grad_norm
         if ds.get("zero_optimization", {}).get("stage") == 3:
             # save_model gathers the full weights with accelerator.get_state_dict, which needs this under ZeRO-3
             ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+            sequence_parallel.check_zero3(cfg, ds["zero_optimization"])
     return accelerator
 
 
@@ -110,12 +114,32 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def data_parallel(accelerator: Accelerator) -> tuple[int, int]:
+    """(size, rank) over the ranks that train on different pairs: every rank, or one per SP group (whose
+    ranks are consecutive: see sequence_parallel.py)."""
+    sp = sequence_parallel.size(accelerator)
+    return accelerator.num_processes // sp, accelerator.process_index // sp
+
+
+def gradient_average(accelerator: Accelerator) -> int:
+    """What DDP / DeepSpeed divide the gradients summed over ranks by: the data-parallel size, except ZeRO-3
+    under sequence parallelism, whose reduce-scatter averages over every rank (ZeRO-1/2 divide by dp).
+    DeepSpeed 0.19; tests/test_sequence_parallel.py pins both against one process."""
+    if sequence_parallel.size(accelerator) > 1 and is_sharded(accelerator):
+        return accelerator.num_processes
+    return data_parallel(accelerator)[0]
+
+
 def describe(accelerator: Accelerator, cfg: Config) -> str:
-    t = cfg.train
+    t, (dp, _), sp = cfg.train, data_parallel(accelerator), sequence_parallel.size(accelerator)
+    split = (
+        f" sequence_parallel_size={sp} (data-parallel groups={dp} x sp={sp}; each row padded to a multiple "
+        f"of {sp} tokens, split over the {sp} ranks of its group; attention {cfg.model.attn_implementation})"
+    )
     return (
         f"world_size={accelerator.num_processes} distributed={accelerator.distributed_type.value} "
         f"per_device_batch={t.batch_size} gradient_accumulation={t.gradient_accumulation} "
-        f"global_batch={t.batch_size * t.gradient_accumulation * accelerator.num_processes} pairs/step"
+        f"global_batch={t.batch_size * t.gradient_accumulation * dp} pairs/step" + (split if sp > 1 else "")
     )
 
 

@@ -30,6 +30,13 @@ additive one for eager, a FlexAttention `BlockMask` for flex_attention (GPU; blo
 masked are skipped). The first rejected token is predicted from the last prompt position, so `pos`
 points there for it (the same position also predicts chosen's first token).
 
+Sequence parallelism (`SequenceShard`): every rank of a sequence-parallel group collates the same pairs,
+pads the row length to a multiple of the group size `sp`, and keeps its own 1/sp slice of every row
+(`input_ids`, `position_ids`; no `attention_mask`: the attention gathers the whole row and masks by
+`position_ids`, see `restart_causal_mask`) and only the scored positions that fall in it, re-indexed into
+the slice. Pair fields stay whole; `pair_share` (1 on the group's first rank, 0 on the others) and
+`num_tokens` make each pair count once in pair counts and metrics.
+
 Attention cost: flash_attention_2 (packed) and flex_attention skip what the mask excludes; sdpa and
 eager get a dense [T, T] mask over the whole row (T = the micro-batch's tokens), so their attention
 work and mask memory grow with T^2. Fine for CPU-sized batches; on a GPU use flash / flex attention.
@@ -37,6 +44,7 @@ work and mask memory grow with T^2. Fine for CPU-sized batches; on a GPU use fla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,11 +234,75 @@ def shared_prefix_attention_mask(model: nn.Module, batch: dict[str, Tensor]):
     return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def make_collator(layout: str, pad_token_id: int, nll_scope: str):
+def shard_batch(batch: dict[str, Tensor], rank: int, size: int, pad_token_id: int) -> dict[str, Tensor]:
+    """This rank's slice of a collated batch under sequence parallelism (see the module docstring).
+
+    The row length is padded to a multiple of `size` with pad tokens whose position ids continue the row (so
+    they extend its last sequence, which never attends to them); rank r keeps columns [r*L, (r+1)*L).
+    """
+    if "segment_ids" in batch:
+        raise ValueError(
+            "layout 'shared_prefix' cannot be split along the sequence; use 'padded' or 'packed'"
+        )
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    positions = batch.get("position_ids", torch.arange(width).expand(rows, width))
+    extra = -width % size
+    if extra:
+        ids = torch.cat([ids, ids.new_full((rows, extra), pad_token_id)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1)], dim=1)
+    local = (width + extra) // size
+    start = rank * local
+    row, col = batch["pos"] // width, batch["pos"] % width
+    mine = (col >= start) & (col < start + local)
+    first = rank == 0
+    return {
+        "input_ids": ids[:, start : start + local].contiguous(),
+        "position_ids": positions[:, start : start + local].contiguous(),
+        "pos": row[mine] * local + col[mine] - start,
+        **{k: batch[k][mine] for k in ("tgt", "seq", "nll", "pair")},
+        "pair_weight": batch["pair_weight"],
+        "ids": batch["ids"],
+        "num_tokens": batch["num_tokens"] * first,
+        "pair_share": torch.tensor(float(first)),
+    }
+
+
+@dataclass
+class SequenceShard:
+    """A layout's collator, then `shard_batch` for sequence-parallel rank `rank` of `size`."""
+
+    collate: Callable[[list[dict]], dict[str, Tensor]]
+    rank: int
+    size: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, Tensor]:
+        return shard_batch(self.collate(examples), self.rank, self.size, self.collate.pad_token_id)
+
+
+def restart_causal_mask(position_ids: Tensor) -> Tensor | None:
+    """Causal attention within each sequence of a row, sequences told apart by `position_ids` that do not
+    continue (+1) from the previous token; None when every row holds one sequence (plain causal).
+
+    Under sequence parallelism the attention sees the gathered, unsharded `position_ids` and no mask: this
+    rebuilds what transformers builds for `packed` rows on sdpa (a dense [rows, 1, T, T] boolean mask).
+    """
+    restart = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not restart.any():
+        return None
+    segment = torch.cat([torch.zeros_like(position_ids[:, :1]), restart.long().cumsum(-1)], dim=-1)
+    idx = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    same = segment[:, :, None] == segment[:, None, :]
+    return (same & (idx[:, None] >= idx[None, :]))[:, None]
+
+
+def make_collator(layout: str, pad_token_id: int, nll_scope: str, sp_rank: int = 0, sp_size: int = 1):
+    """The layout's collator; with `sp_size` > 1 each batch is cut to sequence-parallel rank `sp_rank`'s slice."""
     collators = {"padded": PaddedCollator, "packed": PackedCollator, "shared_prefix": SharedPrefixCollator}
     if layout not in collators:
         raise ValueError(f"unknown layout {layout!r}; choose 'padded', 'packed' or 'shared_prefix'")
-    return collators[layout](pad_token_id, nll_scope)
+    collate = collators[layout](pad_token_id, nll_scope)
+    return SequenceShard(collate, sp_rank, sp_size) if sp_size > 1 else collate
 
 
 def model_inputs(batch: dict[str, Tensor], model: nn.Module) -> dict:

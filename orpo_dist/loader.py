@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from orpo_dist.config import TrainConfig
-from orpo_dist.distributed import PairShards
+from orpo_dist.distributed import PairShards, data_parallel
 
 
 class PairLoader:
@@ -79,7 +79,7 @@ def make_loaders(
     t: TrainConfig, train_ds, eval_ds, collate, accelerator
 ) -> tuple[PairLoader, PairLoader | None]:
     """The training stream (shuffled per epoch, optionally length-grouped) and the eval pass (in order)."""
-    ranks = (accelerator.num_processes, accelerator.process_index, t.seed)
+    ranks = (*data_parallel(accelerator), t.seed)  # an SP group's ranks get the same pairs
     shards = PairShards(
         pair_lengths(train_ds),
         t.batch_size,

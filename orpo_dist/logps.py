@@ -12,6 +12,8 @@ checkpointing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -160,7 +162,12 @@ def token_logps(
 
 
 def forward_parts(
-    model: nn.Module, lm_head: nn.Module, inputs: dict, batch: dict[str, Tensor], chunk_size: int
+    model: nn.Module,
+    lm_head: nn.Module,
+    inputs: dict,
+    batch: dict[str, Tensor],
+    chunk_size: int,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> OrpoParts:
     """One forward of the (possibly wrapped) model on `inputs` (layouts.model_inputs); log-probs only at
     the positions `batch` scores, combined into ORPO sums.
@@ -168,7 +175,15 @@ def forward_parts(
     The model is called through its wrapper (DDP / DeepSpeed / PEFT hooks must run) with
     `logits_to_keep=1`, so it projects one position to the vocabulary; we take the final hidden states
     and project just the positions the loss needs, in chunks.
+
+    Under sequence parallelism `batch` is this rank's slice of the rows (its `pos` index the slice) and
+    `reduce` sums per-sequence sums over the ranks of the slices (see loss.orpo_parts).
     """
     out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    hidden = out.hidden_states[-1].flatten(0, 1)[batch["pos"]]
-    return orpo_parts(token_logps(hidden, lm_head, batch["tgt"], chunk_size), batch)
+    states = out.hidden_states[-1].flatten(0, 1)
+    parts = orpo_parts(token_logps(states[batch["pos"]], lm_head, batch["tgt"], chunk_size), batch, reduce)
+    if reduce is not None:
+        # (+0) a slice with no scored position must still run backward through the model: its attention
+        # exchanges pair up with the other ranks' (a rank that skipped them would hang the group)
+        parts.nll_sum = parts.nll_sum + states[:0].sum()
+    return parts

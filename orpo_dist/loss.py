@@ -9,11 +9,17 @@ token and pair counts of the whole accumulated, all-rank batch: k micro-batches 
 gradient of one k-times-larger batch (a per-micro-batch mean would weight short batches too much).
 The inputs are per-position log-probs (logps.py) and the batch contract (layouts.py); nothing here
 knows about models, layouts or ranks.
+
+Sequence parallelism: a rank scores only its slice of each sequence, so `orpo_parts` takes a `reduce` that
+sums the per-sequence log-prob sums and token counts over the slices *before* the length normalisation and
+the odds ratio (which is not linear: summing per-slice losses would be wrong). The NLL sums stay per slice
+(their sum over ranks is exact), and `pair_share` keeps each pair counted once in pair counts and metrics.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +74,7 @@ class OrpoParts:
     rejected_logps: Tensor  # [B]
     log_odds: Tensor  # [B]
     pair_weight: Tensor  # [B] 1 for a real pair, 0 for a filler that keeps ranks in step
+    share: Tensor | float = 1.0  # this rank's share of the pair counts and metrics (0 on SP ranks but one)
 
     def loss(
         self, beta: float, nll_tokens: Tensor | float | None = None, pairs: Tensor | float | None = None
@@ -79,7 +86,7 @@ class OrpoParts:
 
     def metric_sums(self, beta: float) -> dict[str, Tensor]:
         """Per-pair metric sums (divide by `pairs`), in the order and with the names of PAIR_METRICS."""
-        w = self.pair_weight
+        w = self.pair_weight * self.share
         chosen, rejected = self.chosen_logps.detach(), self.rejected_logps.detach()
         chosen_r, rejected_r, log_odds = beta * chosen, beta * rejected, self.log_odds.detach()
         per_pair = [
@@ -95,18 +102,23 @@ class OrpoParts:
         return {name: (w * values).sum() for name, values in zip(PAIR_METRICS, per_pair, strict=True)}
 
 
-def orpo_parts(token_lp: Tensor, batch: dict[str, Tensor]) -> OrpoParts:
+def orpo_parts(
+    token_lp: Tensor, batch: dict[str, Tensor], reduce: Callable[[Tensor], Tensor] | None = None
+) -> OrpoParts:
     """Combine per-position log-probs into ORPO sums, for any batch layout.
 
     `batch` describes each scored position i (the batch contract of layouts.py): `seq[i]` is the sequence (0..B-1
     chosen, B..2B-1 rejected) whose completion token it scores, or -1; `nll[i]` whether it counts in
-    the NLL term; `pair[i]` its pair; `pair_weight` [B].
+    the NLL term; `pair[i]` its pair; `pair_weight` [B]. `reduce`, under sequence parallelism, sums the
+    [2, 2B] per-sequence (log-prob sums, token counts) over the ranks holding slices of the same rows.
     """
     seq, nll, pair, w = batch["seq"], batch["nll"], batch["pair"], batch["pair_weight"].float()
     num_pairs = w.shape[0]
     scored = seq >= 0
     sums = token_lp.new_zeros(2 * num_pairs).index_add(0, seq[scored], token_lp[scored])
     counts = token_lp.new_zeros(2 * num_pairs).index_add(0, seq[scored], torch.ones_like(token_lp[scored]))
+    if reduce is not None:
+        sums, counts = reduce(torch.stack([sums, counts]))
     # collate drops pairs with an empty completion, so counts > 0; clamp only guards filler rows
     logps = sums / counts.clamp(min=1)
     chosen, rejected = logps[:num_pairs], logps[num_pairs:]
@@ -121,10 +133,13 @@ def orpo_parts(token_lp: Tensor, batch: dict[str, Tensor]) -> OrpoParts:
         rejected_logps=rejected,
         log_odds=log_odds,
         pair_weight=w,
+        share=batch.get("pair_share", 1.0),
     )
 
 
 def batch_counts(batch: dict[str, Tensor]) -> Tensor:
     """(NLL tokens, pairs) of a micro-batch, computable before the forward: the normalisers of a step."""
     w = batch["pair_weight"].float()
-    return torch.stack([(w[batch["pair"]] * batch["nll"].float()).sum(), w.sum()])
+    return torch.stack(
+        [(w[batch["pair"]] * batch["nll"].float()).sum(), w.sum() * batch.get("pair_share", 1.0)]
+    )

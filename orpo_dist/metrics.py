@@ -25,8 +25,8 @@ def step_sums(parts: OrpoParts, batch: dict, beta: float) -> dict[str, torch.Ten
         **parts.metric_sums(beta),
         "nll_sum": parts.nll_sum.detach(),
         "nll_tokens": parts.nll_tokens,
-        "or_sum": parts.or_sum.detach(),
-        "pairs": parts.pairs,
+        "or_sum": parts.or_sum.detach() * parts.share,
+        "pairs": parts.pairs * parts.share,
         "num_tokens": batch["num_tokens"].float(),
     }
 

@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from orpo_dist import sequence_parallel
 from orpo_dist.checkpoint import Checkpointer
 from orpo_dist.config import Config
 from orpo_dist.data import build_datasets
@@ -25,6 +26,7 @@ from orpo_dist.distributed import (
     all_sum,
     check_world_size,
     describe,
+    gradient_average,
     is_sharded,
     make_accelerator,
     rank0_print,
@@ -68,19 +70,22 @@ class Trainer:
             train_ds, eval_ds, report = build_datasets(cfg.data, self.tokenizer, t.seed)
         for line in report.lines():
             self.say(line)
+        sequence_parallel.check_model(cfg, model_path)
         model = load_model(
             cfg, model_path, accelerator.num_processes, accelerator.device, is_sharded(accelerator), self.say
         )
         if cfg.peft.use_peft and accelerator.is_main_process:
             model.print_trainable_parameters()
 
-        collate = make_collator(cfg.orpo.layout, self.tokenizer.pad_token_id, cfg.orpo.nll_scope)
+        layout, pad, scope = cfg.orpo.layout, self.tokenizer.pad_token_id, cfg.orpo.nll_scope
+        collate = make_collator(layout, pad, scope, *sequence_parallel.slice_of(accelerator))
         self.loader, self.eval_loader = make_loaders(t, train_ds, eval_ds, collate, accelerator)
         steps_per_epoch = self.loader.shards.steps_per_epoch
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
 
         optimizer, self.scheduler = build_optimizer(t, model, self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.sp_reduce = sequence_parallel.enable(accelerator, self.model)  # None without SP
         self.lm_head = output_head(accelerator.unwrap_model(self.model))
         self.checkpoints = Checkpointer(accelerator, cfg, self.tokenizer, self.scheduler)
         self.metrics = MetricsLog(accelerator, cfg)
@@ -137,7 +142,7 @@ class Trainer:
         # so accumulation and data parallelism give the gradient of one big batch
         nll_tokens, pairs = all_sum(accelerator, sum(batch_counts(b) for b in batches)).tolist()
         # accelerate divides each micro-batch's loss by the accumulation, DDP / ZeRO average over ranks: undo both
-        scale = len(batches) * accelerator.num_processes
+        scale = len(batches) * gradient_average(accelerator)
         grad_norm = None
         for batch in batches:
             with accelerator.accumulate(self.model), accelerator.autocast():
@@ -154,7 +159,9 @@ class Trainer:
 
     def forward(self, batch: dict) -> OrpoParts:
         inputs = model_inputs(batch, self.model)
-        return forward_parts(self.model, self.lm_head, inputs, batch, self.cfg.orpo.logps_chunk_size)
+        return forward_parts(
+            self.model, self.lm_head, inputs, batch, self.cfg.orpo.logps_chunk_size, self.sp_reduce
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

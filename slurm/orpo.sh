@@ -15,6 +15,9 @@
 #   MASTER_ADDR    rendezvous host (default: first node of the job); MASTER_PORT (default from the job id)
 #   ORPO_CPU=1     CPU-only cluster (ranks talk over gloo): --mixed_precision no, and ACCELERATE_USE_CPU=true
 #                  unless ACCEL_CONFIG is DeepSpeed (which finds the CPU itself); FSDP is refused
+#   SP_SIZE        long pairs: split each row over this many ranks (passed as --sequence_parallel_size; needs a
+#                  DeepSpeed ACCEL_CONFIG, and nodes x GPUS_PER_NODE a multiple of it). Or
+#                  ACCEL_CONFIG=configs/accelerate/zero3_sp.yaml, which sets it (8) for the launcher
 #   VENV           virtualenv to activate (default ORPO_ROOT/.venv if present); PYTHON (default python)
 #
 # Preemption. `--signal=USR1@120` makes SLURM send SIGUSR1 to every process of the job steps 120 s before
@@ -82,8 +85,11 @@ if [[ ${ORPO_CPU:-0} == 1 ]]; then
 else
     export GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 fi
+SP_ARGS=()
+[[ -n ${SP_SIZE:-} ]] && SP_ARGS=(--sequence_parallel_size "$SP_SIZE")
 echo "[orpo.sh] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s) x" \
-     "$GPUS_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, $ACCEL_CONFIG, config $CONFIG $*"
+     "$GPUS_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, $ACCEL_CONFIG," \
+     "${SP_SIZE:+sequence parallel $SP_SIZE, }config $CONFIG $*"
 
 # Runs once on every node. Single-quoted: $SLURM_NODEID etc. are expanded there, not in this shell.
 read -r -d '' NODE_SCRIPT <<'NODE'
@@ -113,7 +119,7 @@ NODE
 
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
      ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
-     bash -c "$NODE_SCRIPT" orpo-node --config "$CONFIG" --resume auto "$@" &
+     bash -c "$NODE_SCRIPT" orpo-node --config "$CONFIG" --resume auto "${SP_ARGS[@]}" "$@" &
 srun_pid=$!
 rc=0; wait "$srun_pid" || rc=$?
 while kill -0 "$srun_pid" 2>/dev/null; do rc=0; wait "$srun_pid" || rc=$?; done

@@ -61,6 +61,12 @@ EXPECTED = {
         1,
         ZERO3,
     ),
+    "zero3_sp": (
+        "DEEPSPEED",
+        8,
+        1,
+        ZERO3,
+    ),
     "zero3_offload": (
         "DEEPSPEED",
         8,
@@ -153,7 +159,7 @@ def test_nested_keys_are_real_launch_options(path):
 
     dests = {a.dest for a in launch_command_parser()._actions}
     raw = yaml.safe_load(path.read_text())
-    for section in ("deepspeed_config", "fsdp_config"):
+    for section in ("deepspeed_config", "fsdp_config", "parallelism_config"):
         unknown = set(raw.get(section) or {}) - dests
         assert not unknown, f"{path.name}: {section} keys accelerate launch does not know: {sorted(unknown)}"
 
@@ -203,6 +209,19 @@ def test_deepspeed_plugin(path, bare_env):
     assert zero["offload_optimizer"]["device"] == EXPECTED[path.stem][3]["offload_optimizer_device"]
     assert zero["offload_param"]["device"] == EXPECTED[path.stem][3]["offload_param_device"]
     assert plugin.deepspeed_config["gradient_accumulation_steps"] == "auto"
+
+
+def test_zero3_sp_sets_the_sequence_parallel_size(bare_env):
+    """The launcher hands the size to the trainer, which adopts it (and checks the launch against it)."""
+    from orpo_dist.config import load_config
+    from orpo_dist.sequence_parallel import resolve
+
+    bare_env.chdir(ROOT)
+    _, env = launcher_env(launch_line(CONFIG_DIR / "zero3_sp.yaml"))
+    assert env["ACCELERATE_USE_PARALLELISM_CONFIG"] == "true"
+    assert (env["PARALLELISM_CONFIG_SP_SIZE"], env["PARALLELISM_CONFIG_SP_BACKEND"]) == ("8", "deepspeed")
+    cfg = load_config(TINY_YAML)
+    assert resolve(cfg, {**env, "WORLD_SIZE": "8"}) == 8 and cfg.train.sequence_parallel_size == 8
 
 
 def test_fsdp2_plugin(bare_env):

@@ -12,7 +12,7 @@ def problems(cfg: Config) -> list[str]:
     at_least_one = dict(
         batch_size=t.batch_size, gradient_accumulation=t.gradient_accumulation, logging_steps=t.logging_steps,
         max_length=d.max_length, max_prompt_length=d.max_prompt_length, logps_chunk_size=o.logps_chunk_size,
-        num_proc=d.num_proc, lora_r=pe.lora_r,
+        num_proc=d.num_proc, lora_r=pe.lora_r, sequence_parallel_size=t.sequence_parallel_size,
     )  # fmt: skip
     unset_or_at_least_one = dict(
         save_steps=t.save_steps, eval_steps=t.eval_steps, eval_batch_size=t.eval_batch_size,
@@ -52,6 +52,30 @@ def problems(cfg: Config) -> list[str]:
             f"layout=shared_prefix with attn_implementation={cfg.model.attn_implementation}: flash attention "
             "cannot express 'rejected sees the prompt but not chosen'. Use attn_implementation: flex_attention "
             "(GPU), sdpa or eager, or layout: packed with flash attention."
+        )
+    p += sequence_parallel_problems(cfg)
+    return p
+
+
+# attention kernels DeepSpeed's Ulysses attention runs on (eager materialises a full 4D mask; flex is refused
+# by accelerate's sequence-parallel config)
+SEQUENCE_PARALLEL_ATTENTION = ("sdpa", *FLASH_ATTENTION)
+
+
+def sequence_parallel_problems(cfg: Config) -> list[str]:
+    sp, attn = cfg.train.sequence_parallel_size, cfg.model.attn_implementation
+    if sp <= 1:
+        return []
+    p = []
+    if cfg.orpo.layout == "shared_prefix":
+        p.append(
+            f"layout=shared_prefix with sequence_parallel_size={sp}: its 'rejected sees the prompt but not "
+            "chosen' mask cannot follow a row split across ranks. Use layout: padded (or packed)."
+        )
+    if attn is not None and attn not in SEQUENCE_PARALLEL_ATTENTION:
+        p.append(
+            f"attn_implementation={attn} with sequence_parallel_size={sp}: sequence parallelism runs on "
+            f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)}. Use sdpa (the default under sequence parallelism)."
         )
     return p
 

@@ -54,6 +54,8 @@ ALIASES: dict[str, str] = {
     # Unsloth
     "max_seq_length": "max_length",
     "use_gradient_checkpointing": "gradient_checkpointing",
+    # accelerate ParallelismConfig
+    "sp_size": "sequence_parallel_size",
     # ours, by the section's name
     "export": "formats",
 }

@@ -141,6 +141,8 @@ class TrainConfig:
     group_by_length: bool = False
     """Shard so ranks get similar token counts per step (fewer stragglers)."""
     eval_batch_size: int | None = None
+    sequence_parallel_size: int = 1
+    """Split each row along the sequence over this many ranks (DeepSpeed Ulysses); world = data-parallel x this."""
 
 
 @dataclass
