@@ -352,8 +352,10 @@ def _assert_same_training(got: list[dict], want: list[dict], sp: int) -> None:
         # each rank holds 1/sp of every row (the row padded to a multiple of sp)
         assert [s["tokens"] for s in g["steps"]] == [[-(-t // sp) for t in s["tokens"]] for s in w["steps"]]
         assert g["grads"].keys() == w["grads"].keys() and len(g["grads"]) > 0
+        # not vacuous: at least half the tensors move (LoRA's A matrices get no gradient while B is 0)
+        moving = [name for name, grad in w["grads"].items() if grad.abs().max() > 0]
+        assert len(moving) >= len(w["grads"]) / 2, sorted(set(w["grads"]) - set(moving))
         for name, grad in w["grads"].items():
-            assert grad.abs().max() > 0, f"{name}: zero gradient, the comparison would be vacuous"
             torch.testing.assert_close(g["grads"][name], grad, rtol=1e-5, atol=1e-5, msg=name)
     rows_got, rows_want = got[0]["rows"], want[0]["rows"]
     assert [r["step"] for r in rows_got] == [r["step"] for r in rows_want] == [0, 1, 2, 3, 3]
