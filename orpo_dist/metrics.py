@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from orpo_dist.config import Config
 from orpo_dist.distributed import all_sum
 from orpo_dist.loss import PAIR_METRICS, OrpoParts
+from orpo_dist.throughput import FlopsModel
 
 
 def step_sums(parts: OrpoParts, batch: dict, beta: float) -> dict[str, torch.Tensor]:
@@ -54,23 +55,31 @@ class MetricWindow:
         out[f"{prefix}nll_loss"] = s["nll_sum"] / max(s["nll_tokens"], 1.0)
         out[f"{prefix}loss"] = out[f"{prefix}nll_loss"] + beta * s["or_sum"] / pairs
         out[f"{prefix}num_tokens"] = s["num_tokens"]
+        if "data_wait_seconds" in s:  # per rank: the mean over ranks
+            out["data_wait_seconds"] = s["data_wait_seconds"] / accelerator.num_processes
         return out
 
 
 class MetricsLog:
     """Rank 0 appends each row to metrics.jsonl (rounded to 6 decimals) and sends it to the tracker."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config):
-        self.accelerator, self.cfg = accelerator, cfg
+    def __init__(self, accelerator: Accelerator, cfg: Config, flops: FlopsModel | None = None):
+        self.accelerator, self.cfg, self.flops = accelerator, cfg, flops
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
         if accelerator.is_main_process and cfg.train.log != "none":
             _init_tracker(accelerator, cfg)
 
-    def log_train(self, window: MetricWindow, beta: float, seconds: float, **fields) -> dict:
-        """Reduce a training window into a row (with tokens/s over `seconds` and the given fields), write it."""
+    def log_train(
+        self, window: MetricWindow, beta: float, seconds: float, data_wait: float, **fields
+    ) -> dict:
+        """Reduce a training window into a row (tokens/s and mfu over `seconds`, the seconds this rank
+        waited for data, and the given fields), write it."""
+        window.add({"data_wait_seconds": torch.tensor(data_wait)})
         row = window.reduce(self.accelerator, beta)
         row["tokens_per_second"] = row.pop("num_tokens") / max(seconds, 1e-9)
+        if self.flops is not None:  # GPU only
+            row["mfu"] = self.flops.mfu(row["tokens_per_second"], self.accelerator.num_processes)
         row.update(
             {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in fields.items() if v is not None}
         )

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from orpo_dist.checkpoint import Checkpointer
 from orpo_dist.config import Config
-from orpo_dist.data import build_datasets
+from orpo_dist.data.cache import tokenised_datasets
 from orpo_dist.distributed import (
     Preemption,
     all_sum,
@@ -36,6 +36,7 @@ from orpo_dist.loss import OrpoParts, batch_counts
 from orpo_dist.metrics import MetricsLog, MetricWindow, step_sums
 from orpo_dist.modeling import load_model, load_tokenizer, output_head, resolve_model_path
 from orpo_dist.optim import build_optimizer
+from orpo_dist.throughput import flops_model
 
 PREEMPTED_EXIT_CODE = 3
 
@@ -61,12 +62,13 @@ class Trainer:
             cfg.save(self.out / "config.yaml")
         self.say(describe(accelerator, cfg))
 
-        # downloads, the built-in model and the tokenised data are made once, by rank 0 first
+        # downloads and the built-in model are made once, by rank 0 first; the tokenised data once per
+        # job (per node with a node-local cache_dir), memory-mapped by every rank
         with accelerator.main_process_first():
             model_path = resolve_model_path(cfg)
             self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-            train_ds, eval_ds, report = build_datasets(cfg.data, self.tokenizer, t.seed)
-        for line in report.lines():
+        data = tokenised_datasets(cfg, self.tokenizer, accelerator, self.say)
+        for line in data.report.lines():
             self.say(line)
         model = load_model(
             cfg, model_path, accelerator.num_processes, accelerator.device, is_sharded(accelerator), self.say
@@ -75,7 +77,7 @@ class Trainer:
             model.print_trainable_parameters()
 
         collate = make_collator(cfg.orpo.layout, self.tokenizer.pad_token_id, cfg.orpo.nll_scope)
-        self.loader, self.eval_loader = make_loaders(t, train_ds, eval_ds, collate, accelerator)
+        self.loader, self.eval_loader = make_loaders(t, data.train, data.eval, collate, accelerator)
         steps_per_epoch = self.loader.shards.steps_per_epoch
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
 
@@ -83,7 +85,8 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.lm_head = output_head(accelerator.unwrap_model(self.model))
         self.checkpoints = Checkpointer(accelerator, cfg, self.tokenizer, self.scheduler)
-        self.metrics = MetricsLog(accelerator, cfg)
+        flops = flops_model(model, accelerator.device, t.peak_tflops, self.say)
+        self.metrics = MetricsLog(accelerator, cfg, flops)
         self.last_eval_step: int | None = None
 
     def say(self, msg: str) -> None:
@@ -110,8 +113,9 @@ class Trainer:
             bar.update(1)
             if step % t.logging_steps == 0 or step == self.total_steps:
                 epoch, lr = step / self.loader.shards.steps_per_epoch, self.scheduler.get_last_lr()[0]
-                row = self.metrics.log_train(window, self.cfg.orpo.beta, time.perf_counter() - t0, step=step,
-                                             epoch=epoch, learning_rate=lr, grad_norm=grad_norm)  # fmt: skip
+                row = self.metrics.log_train(window, self.cfg.orpo.beta, time.perf_counter() - t0,
+                                             self.loader.take_wait_seconds(), step=step, epoch=epoch,
+                                             learning_rate=lr, grad_norm=grad_norm)  # fmt: skip
                 bar.set_postfix(loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}")
                 t0 = time.perf_counter()
             epoch_end = progress.step_in_epoch == 0

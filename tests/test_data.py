@@ -96,13 +96,15 @@ def test_every_source_kind_gives_the_same_tokenised_pairs(kind, tmp_path, tokeni
     path, extra = _write(kind, tmp_path)
     train, evaluation, report = build_datasets(cfg_for(path, **extra), tokenizer, seed=0)
     assert evaluation is None
-    assert train.column_names == ["id", "prompt_ids", "chosen_ids", "rejected_ids"]
+    assert train.column_names == ["id", "prompt_ids", "chosen_ids", "rejected_ids", "length"]
     expected = [
         {
             "id": i,
             "prompt_ids": [tokenizer.bos_token_id] + char_ids(tokenizer, p["prompt"]),
             "chosen_ids": char_ids(tokenizer, p["chosen"]) + [tokenizer.eos_token_id],
             "rejected_ids": char_ids(tokenizer, p["rejected"]) + [tokenizer.eos_token_id],
+            # prompt + the longer completion (BOS and EOS included), for length grouping
+            "length": 1 + len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) + 1,
         }
         for i, p in enumerate(PAIRS)
     ]

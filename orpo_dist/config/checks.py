@@ -12,13 +12,21 @@ def problems(cfg: Config) -> list[str]:
     at_least_one = dict(
         batch_size=t.batch_size, gradient_accumulation=t.gradient_accumulation, logging_steps=t.logging_steps,
         max_length=d.max_length, max_prompt_length=d.max_prompt_length, logps_chunk_size=o.logps_chunk_size,
-        num_proc=d.num_proc, lora_r=pe.lora_r,
+        lora_r=pe.lora_r,
     )  # fmt: skip
+    at_least = dict(num_proc=(d.num_proc, 1), dataloader_num_workers=(t.dataloader_num_workers, 0))
     unset_or_at_least_one = dict(
         save_steps=t.save_steps, eval_steps=t.eval_steps, eval_batch_size=t.eval_batch_size,
         max_completion_length=d.max_completion_length, max_samples=d.max_samples,
     )  # fmt: skip
     p = [f"{name}={value} must be >= 1" for name, value in at_least_one.items() if value < 1]
+    p += [
+        f"{name}={value} must be >= {low} or auto"
+        for name, (value, low) in at_least.items()
+        if value != "auto" and value < low
+    ]
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        p.append(f"peak_tflops={t.peak_tflops} must be > 0 (or unset: taken from the GPU's name)")
     p += [
         f"{name}={value} must be >= 1 (or unset)"
         for name, value in unset_or_at_least_one.items()

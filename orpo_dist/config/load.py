@@ -104,7 +104,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        errors = []
+        for arg in (a for a in args if a is not type(None)):  # `int | Literal["auto"]`: the first that fits
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e).removeprefix(f"{key}={value!r} "))
+        raise ConfigError(f"{key}={value!r} " + " and ".join(errors))
     if origin is Literal:
         if isinstance(value, bool) and "no" in args:  # `mixed_precision: false`
             value = "no"

@@ -67,8 +67,12 @@ class DataConfig:
     """Drop (and count) malformed rows instead of stopping with an error."""
     max_samples: int | None = None
     """Use only the first N pairs (quick experiments)."""
-    num_proc: int = 1
-    """Processes for tokenisation (`datasets.map`)."""
+    num_proc: int | Literal["auto"] = "auto"
+    """Processes that validate and tokenise; `auto`: min(CPU cores, 8) above 5000 pairs, else 1."""
+    cache_dir: str | None = None
+    """Tokenised cache (None: `<output_dir>/data_cache`); node-local (`$TMPDIR/orpo_cache`): one build per node."""
+    overwrite_cache: bool = False
+    """Rebuild the tokenised cache even when one with the same fingerprint exists."""
 
 
 @dataclass
@@ -141,6 +145,10 @@ class TrainConfig:
     group_by_length: bool = False
     """Shard so ranks get similar token counts per step (fewer stragglers)."""
     eval_batch_size: int | None = None
+    dataloader_num_workers: int | Literal["auto"] = "auto"
+    """Processes that collate the next micro-batches during the step; `auto`: 2 on CUDA, 0 on CPU."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one accelerator for `mfu` (None: from the GPU's name; bf16 dense)."""
 
 
 @dataclass

@@ -121,17 +121,33 @@ def _normalise(
         raise _BadRow("chat template error", columns["chosen"], f"the chat template failed: {e}") from None
 
 
+def is_conversational_source(source: Source, cfg: DataConfig) -> bool:
+    """The dataset's format, decided once for the whole source (missing columns raise here)."""
+    return _detect_conversational(source, _column_map(cfg, source)["chosen"])
+
+
 def normalise_rows(
-    source: Source, cfg: DataConfig, tokenizer, dropped: Counter
+    source: Source,
+    cfg: DataConfig,
+    tokenizer,
+    dropped: Counter,
+    span: range | None = None,
+    conversational: bool | None = None,
 ) -> tuple[dict[str, list], str]:
-    """Validate every row before any tokenisation; first bad row raises unless skip_invalid."""
+    """Validate every row (of `span`) before any tokenisation; first bad row raises unless skip_invalid.
+
+    `span` and `conversational` let workers take chunks of one source: ids and messages stay absolute.
+    """
     columns = _column_map(cfg, source)
-    conversational = _detect_conversational(source, columns["chosen"])
-    rows = source.rows
+    if conversational is None:
+        conversational = _detect_conversational(source, columns["chosen"])
+    rows, span = source.rows, range(len(source.rows)) if span is None else span
     if isinstance(rows, datasets.Dataset):  # decode only the columns we use
-        rows = rows.select_columns(list(columns.values()))
+        rows = rows.select_columns(list(columns.values())).select(span)
+    else:
+        rows = rows[span.start : span.stop]
     out: dict[str, list] = {"id": [], "prompt": [], "chosen": [], "rejected": []}
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=span.start):
         try:
             if isinstance(row, str):
                 raise _BadRow("malformed JSON", "", row)
