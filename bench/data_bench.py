@@ -82,6 +82,14 @@ def peak_rss(who=resource.RUSAGE_SELF) -> int:
     return resource.getrusage(who).ru_maxrss * 1024  # Linux: KiB
 
 
+def rss_anon() -> int:
+    """This process's resident anonymous memory now (not the file-backed pages of memory-mapped Arrow)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and of its finished children (the tokenising workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -127,7 +135,7 @@ def data_child(args) -> None:
         "seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu,
         "pairs": len(train) + (len(evaluation) if evaluation is not None else 0),
         "peak_rss": peak_rss(), "rss_before": rss_before, "worker_peak_rss": peak_rss(resource.RUSAGE_CHILDREN),
-        "code": str(Path(orpo_dist.__file__).parents[1]),
+        "rss_anon_after": rss_anon(), "code": str(Path(orpo_dist.__file__).parents[1]),
     }  # fmt: skip
     with open(args.result, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -227,6 +235,7 @@ def summarise(n, kind, code, ranks, start, runs: list[list[dict]]) -> dict:
         "built_by": sorted({r["rank"] for run in runs for r in run if r["built"]}),
         "peak_rss_gib": [max(run[r]["peak_rss"] for run in runs) / 2**30 for r in range(ranks)],
         "worker_peak_rss_gib": max(r["worker_peak_rss"] for run in runs for r in run) / 2**30,
+        "rss_anon_after_gib": [max(run[r]["rss_anon_after"] for run in runs) / 2**30 for r in range(ranks)],
         "cpu_seconds": statistics.median(sum(r["cpu_seconds"] for r in run) for run in runs),  # all ranks
     }  # fmt: skip
 
@@ -252,12 +261,14 @@ def measure_wait(args, work: Path, code: Path) -> list[dict]:
 
 def tables(data_rows: list[dict], wait_rows: list[dict]) -> str:
     out = ["| pairs | format | code | ranks | start | data stage (s) | pairs/s | CPU s (all ranks + workers) "
-           "| peak RSS per rank (GiB) | tokenising worker (GiB) | tokenised by rank | repeats (s) |", "|" + "---|" * 12]  # fmt: skip
+           "| peak RSS per rank (GiB) | anonymous RSS after, per rank (GiB) | tokenising worker (GiB) | tokenised by rank "
+           "| repeats (s) |", "|" + "---|" * 13]  # fmt: skip
     for r in data_rows:
         rss = " / ".join(f"{g:.2f}" for g in r["peak_rss_gib"])
+        anon = " / ".join(f"{g:.2f}" for g in r["rss_anon_after_gib"])
         reps = ", ".join(f"{s:.1f}" for s in r["repeats"])
         out.append(f"| {r['pairs']:,} | {r['format']} | {r['code']} | {r['ranks']} | {r['start']} | {r['seconds']:.1f} "
-                   f"| {r['pairs_per_s']:,.0f} | {r['cpu_seconds']:.1f} | {rss} | {r['worker_peak_rss_gib']:.2f} | {r['built_by'] or '-'} | {reps} |")  # fmt: skip
+                   f"| {r['pairs_per_s']:,.0f} | {r['cpu_seconds']:.1f} | {rss} | {anon} | {r['worker_peak_rss_gib']:.2f} | {r['built_by'] or '-'} | {reps} |")  # fmt: skip
     if wait_rows:
         out += [
             "",
