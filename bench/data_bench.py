@@ -205,24 +205,27 @@ def export_ref(ref: str, into: Path) -> Path:
 
 
 def measure_data(args, work: Path, codes: dict[str, Path]) -> list[dict]:
+    """Repeats outermost, so each configuration's repeats are spread over the run (a shared machine's load drifts)."""
     rows = []
     for n in args.pairs:
         for kind in args.formats:
             data = write_pairs(work / f"{kind}-{n}.jsonl", n, kind)
-            for code_name, code in codes.items():
-                for ranks in args.ranks:
-                    starts = ["cold", "warm"] if code_name == "after" else ["cold"]
-                    reps = {s: [] for s in starts}
-                    for rep in range(args.repeats):
-                        cache = work / f"cache-{code_name}-{kind}-{n}-{ranks}-{rep}"
-                        for start in starts:
-                            got = launch(args, "data", ranks, work / "result.jsonl", code, data=data,
-                                         cache_dir=cache, output_dir=work / "out")  # fmt: skip
-                            reps[start].append(got)
-                            print(f"{n} {kind} {code_name} ranks={ranks} {start} rep {rep}: "
-                                  f"{max(r['seconds'] for r in got):.1f} s", flush=True)  # fmt: skip
-                    for start, runs in reps.items():
-                        rows.append(summarise(n, kind, code_name, ranks, start, runs))
+            configs = [
+                (c, r, s)
+                for c in codes
+                for r in args.ranks
+                for s in (["cold", "warm"] if c == "after" else ["cold"])
+            ]
+            reps: dict[tuple, list] = {config: [] for config in configs}
+            for rep in range(args.repeats):
+                for code_name, ranks, start in configs:
+                    cache = work / f"cache-{code_name}-{kind}-{n}-{ranks}-{rep}"  # warm reads what cold wrote
+                    got = launch(args, "data", ranks, work / "result.jsonl", codes[code_name], data=data,
+                                 cache_dir=cache, output_dir=work / "out")  # fmt: skip
+                    reps[(code_name, ranks, start)].append(got)
+                    print(f"{n} {kind} {code_name} ranks={ranks} {start} rep {rep}: "
+                          f"{max(r['seconds'] for r in got):.1f} s", flush=True)  # fmt: skip
+            rows += [summarise(n, kind, *config, runs) for config, runs in reps.items()]
     return rows
 
 
@@ -231,7 +234,7 @@ def summarise(n, kind, code, ranks, start, runs: list[list[dict]]) -> dict:
     median = statistics.median(seconds)
     return {
         "pairs": n, "format": kind, "code": code, "ranks": ranks, "start": start, "seconds": median,
-        "repeats": seconds, "pairs_per_s": n / median,
+        "repeats": seconds, "best": min(seconds), "pairs_per_s": n / median,
         "built_by": sorted({r["rank"] for run in runs for r in run if r["built"]}),
         "peak_rss_gib": [max(run[r]["peak_rss"] for run in runs) / 2**30 for r in range(ranks)],
         "worker_peak_rss_gib": max(r["worker_peak_rss"] for run in runs for r in run) / 2**30,
@@ -242,32 +245,30 @@ def summarise(n, kind, code, ranks, start, runs: list[list[dict]]) -> dict:
 
 def measure_wait(args, work: Path, code: Path) -> list[dict]:
     data = write_pairs(work / "train-10000.jsonl", 10_000, "conversational")
-    rows = []
-    for workers in args.workers:
-        fractions, rates = [], []
-        for rep in range(args.repeats):
+    fractions = {w: [] for w in args.workers}
+    rates = {w: [] for w in args.workers}
+    for rep in range(args.repeats):
+        for workers in args.workers:
             got = launch(args, "train", 2, work / "result.jsonl", code, data=data, cache_dir=work / "train-cache",
                          output_dir=work / f"train-{workers}-{rep}", workers=workers, train_steps=args.train_steps)  # fmt: skip
             windows = [w for r in got for w in r["windows"][1:]]  # every rank, after the first step
-            fractions.append(sum(w for _, w in windows) / sum(s for s, _ in windows))
-            rates.append(len(windows) / len(got) / sum(s for s, _ in got[0]["windows"][1:]))
-            print(
-                f"train workers={workers} rep {rep}: wait {100 * fractions[-1]:.1f}%, {rates[-1]:.2f} steps/s"
-            )
-        rows.append({"workers": workers, "wait_fraction": statistics.median(fractions), "repeats": fractions,
-                     "steps_per_s": statistics.median(rates), "steps_per_s_repeats": rates})  # fmt: skip
-    return rows
+            fractions[workers].append(sum(w for _, w in windows) / sum(s for s, _ in windows))
+            rates[workers].append(len(got[0]["windows"][1:]) / sum(s for s, _ in got[0]["windows"][1:]))
+            print(f"train workers={workers} rep {rep}: wait {100 * fractions[workers][-1]:.1f}%, "
+                  f"{rates[workers][-1]:.2f} steps/s", flush=True)  # fmt: skip
+    return [{"workers": w, "wait_fraction": statistics.median(fractions[w]), "repeats": fractions[w],
+             "steps_per_s": statistics.median(rates[w]), "steps_per_s_repeats": rates[w]} for w in args.workers]  # fmt: skip
 
 
 def tables(data_rows: list[dict], wait_rows: list[dict]) -> str:
-    out = ["| pairs | format | code | ranks | start | data stage (s) | pairs/s | CPU s (all ranks + workers) "
+    out = ["| pairs | format | code | ranks | start | data stage (s) | best of repeats (s) | pairs/s | CPU s (all ranks + workers) "
            "| peak RSS per rank (GiB) | anonymous RSS after, per rank (GiB) | tokenising worker (GiB) | tokenised by rank "
-           "| repeats (s) |", "|" + "---|" * 13]  # fmt: skip
+           "| repeats (s) |", "|" + "---|" * 14]  # fmt: skip
     for r in data_rows:
         rss = " / ".join(f"{g:.2f}" for g in r["peak_rss_gib"])
         anon = " / ".join(f"{g:.2f}" for g in r["rss_anon_after_gib"])
         reps = ", ".join(f"{s:.1f}" for s in r["repeats"])
-        out.append(f"| {r['pairs']:,} | {r['format']} | {r['code']} | {r['ranks']} | {r['start']} | {r['seconds']:.1f} "
+        out.append(f"| {r['pairs']:,} | {r['format']} | {r['code']} | {r['ranks']} | {r['start']} | {r['seconds']:.1f} | {r['best']:.1f} "
                    f"| {r['pairs_per_s']:,.0f} | {r['cpu_seconds']:.1f} | {rss} | {anon} | {r['worker_peak_rss_gib']:.2f} | {r['built_by'] or '-'} | {reps} |")  # fmt: skip
     if wait_rows:
         out += [
@@ -289,7 +290,7 @@ def parse(argv=None):
     ap.add_argument("--pairs", type=ints, default=[10_000, 100_000])
     ap.add_argument("--formats", type=lambda s: s.split(","), default=["conversational", "standard"])
     ap.add_argument("--ranks", type=ints, default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--before", help="also measure this git ref's code (e.g. main)")
     ap.add_argument(
         "--workers", type=ints, default=[0, 1, 2], help="dataloader_num_workers to time training with"

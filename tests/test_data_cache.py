@@ -321,3 +321,21 @@ def test_pair_lengths_is_the_length_column(tokenizer):
     )
     want = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train.to_list()]
     assert pair_lengths(train).tolist() == want
+
+
+def _die_in_the_third_chunk(span):
+    if span.start == 10:
+        os._exit(9)  # as the OOM killer would
+    return _run_chunk(span)
+
+
+_run_chunk = parallel._run_chunk
+
+
+def test_a_worker_that_dies_stops_the_run_with_the_fix(tmp_path, pairs, tokenizer, monkeypatch):
+    monkeypatch.setattr(parallel, "CHUNK_PAIRS", 5)
+    monkeypatch.setattr(parallel, "_run_chunk", _die_in_the_third_chunk)
+    with pytest.raises(
+        DataError, match=r"a tokenising worker process died \(out of memory\?\) with num_proc=2"
+    ):
+        build_datasets(DataConfig(data_path=pairs, num_proc=2), tokenizer, 0)

@@ -124,6 +124,11 @@ class Runs:
         if name in LORA_RUNS:
             strategy, extra = LORA_RUNS[name]
             return launch(tmp, name, strategy, model, *extra)
+        if name == "ddp_overwrite":  # a new job on the ddp run's cache, rebuilding it: --overwrite_cache
+            cache = self["ddp"].data[0]["directory"].rsplit("/", 1)[0]
+            return launch(
+                tmp, name, "ddp", model, "--cache_dir", cache, "--overwrite_cache", "--max_steps", "1"
+            )
         if name.endswith("_resumed"):
             # killed one step after the step-4 checkpoint (as a crash would be), then resumed to the end; a
             # run that simply ends at max_steps leaves final/ but no resumable checkpoint of its last step
@@ -254,6 +259,16 @@ def test_one_rank_tokenises_the_other_memory_maps(runs, strategy):
     assert run.data[0]["directory"].startswith(str(run.out / "data_cache"))
     assert run.log.count("tokenised cache: miss: building (no cache in") == 1
     assert "tokenised cache: hit" not in run.log and "rank 1: tokenised cache" not in run.log
+
+
+def test_overwrite_cache_rebuilds_once_and_every_rank_takes_the_new_build(runs):
+    """overwrite_cache: rank 0 rebuilds in place; rank 1 takes that build (the broadcast build id), not the old one."""
+    run, old = runs["ddp_overwrite"], runs["ddp"]
+    run.check_ok()
+    assert run.data[0]["built"] is True and run.data[1]["built"] is False, run.data
+    assert run.data[0]["directory"] == run.data[1]["directory"] == old.data[0]["directory"]
+    assert run.log.count("tokenised cache: miss: building (overwrite_cache: true)") == 1
+    assert "rank 1: tokenised cache" not in run.log
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])

@@ -18,7 +18,9 @@ no rank takes an older copy.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -193,6 +195,7 @@ def _build(entry: Path, fp: dict, cfg: Config, tokenizer, build_id: str, note) -
             enable_progress_bars()
         shutil.rmtree(tmp, ignore_errors=True)
     del train, evaluation  # from here on, the memory-mapped copy
+    _release_freed_memory()
     got = _open(entry, build_id)
     if got is None:
         raise RuntimeError(f"tokenised cache: {entry} was written but cannot be read back")
@@ -200,6 +203,16 @@ def _build(entry: Path, fp: dict, cfg: Config, tokenizer, build_id: str, note) -
     note(f"tokenised cache: built {entry} in {seconds:.1f} s ({pairs_per_second:.0f} pairs/s, "
          f"num_proc {info['num_proc']})")  # fmt: skip
     return dataclasses.replace(got, built=True)
+
+
+def _release_freed_memory() -> None:
+    """Hand the build's freed heap (the rows, the in-memory tables) back to the OS: glibc keeps it otherwise,
+    and the building rank would carry it through training."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _publish(tmp: Path, entry: Path, build_id: str) -> None:

@@ -13,13 +13,15 @@ import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Container
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import datasets
 from datasets.utils import tqdm
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.report import DataReport
+from orpo_dist.data.report import DataError, DataReport
 from orpo_dist.data.rows import is_conversational_source, normalise_rows
 from orpo_dist.data.sources import Source
 from orpo_dist.data.tokens import TOKEN_FEATURES, tokenize_pairs
@@ -81,8 +83,18 @@ def tokenise_source(
     bar = tqdm(total=n, desc="Tokenizing pairs", unit=" pairs", disable=n < AUTO_MIN_PAIRS)
     try:
         if num_proc > 1 and len(spans) > 1:
-            with multiprocessing.get_context("fork").Pool(min(num_proc, len(spans))) as pool:
-                results = [_counted(r, bar) for r in pool.imap(_run_chunk, spans)]
+            fork = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(num_proc, len(spans)), mp_context=fork) as pool:
+                try:  # in chunk order; a worker that dies (OOM) breaks the pool instead of hanging it
+                    results = [_counted(r, bar) for r in pool.map(_run_chunk, spans)]
+                except BaseException as e:
+                    pool.shutdown(wait=False, cancel_futures=True)  # the first error is enough
+                    if isinstance(e, BrokenProcessPool):
+                        raise DataError(
+                            f"{source.name}: a tokenising worker process died (out of memory?) with num_proc="
+                            f"{num_proc}. Set num_proc lower (1 uses no worker processes)."
+                        ) from None
+                    raise
         else:
             results = [_counted(_run_chunk(span), bar) for span in spans]
     finally:
