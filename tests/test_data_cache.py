@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import time
 
@@ -339,3 +340,24 @@ def test_a_worker_that_dies_stops_the_run_with_the_fix(tmp_path, pairs, tokenize
         DataError, match=r"a tokenising worker process died \(out of memory\?\) with num_proc=2"
     ):
         build_datasets(DataConfig(data_path=pairs, num_proc=2), tokenizer, 0)
+
+
+# ------------------------------------------------------------------------------------------ the keys
+
+
+def test_the_scale_keys_and_their_errors():
+    from orpo_dist.config import ConfigError, load_config
+
+    cfg = load_config(None, ["--num_proc", "auto", "--dataloader_num_workers", "3", "--peak_tflops", "400",
+                             "--cache_dir", "$TMPDIR/c", "--overwrite_cache"])  # fmt: skip
+    assert (cfg.data.num_proc, cfg.train.dataloader_num_workers, cfg.train.peak_tflops) == ("auto", 3, 400.0)
+    assert (cfg.data.cache_dir, cfg.data.overwrite_cache) == ("$TMPDIR/c", True)
+    assert (Config().data.num_proc, Config().train.dataloader_num_workers) == ("auto", "auto")  # the defaults
+    for flags, message in [
+        (["--num_proc", "many"], "num_proc='many' is not an integer and is not one of ['auto']"),
+        (["--num_proc", "0"], "num_proc=0 must be >= 1 or auto"),
+        (["--dataloader_num_workers", "-1"], "dataloader_num_workers=-1 must be >= 0 or auto"),
+        (["--peak_tflops", "0"], "peak_tflops=0.0 must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, flags)
