@@ -46,15 +46,18 @@ INSTALL_HINT = "pip install 'orpo-dist[report]' (matplotlib)"
 
 
 def read_rows(out: Path) -> list[dict]:
-    """metrics.jsonl rows; a line still being written (training in progress) is skipped."""
-    rows = []
+    """metrics.jsonl rows by step; a line still being written (training in progress) is skipped, and a
+    later row of the same step and kind replaces an earlier one (a resumed run redoes the steps after
+    its checkpoint)."""
+    latest: dict[tuple[int, bool], dict] = {}
     path = Path(out) / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return rows
+        latest[(row["step"], "eval_loss" in row)] = row
+    return [latest[key] for key in sorted(latest)]
 
 
 def _series(rows: list[dict], key: str | None) -> tuple[list[int], list[float]]:

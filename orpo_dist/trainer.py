@@ -72,9 +72,8 @@ class Trainer:
                 model_path, cfg.model.trust_remote_code, cfg.data.chat_template, self.say
             )
             train_ds, eval_ds, report = build_datasets(cfg.data, self.tokenizer, t.seed)
-        for line in report.lines() + example_lines(
-            train_ds, self.tokenizer, cfg.data.chat_template, report.format
-        ):
+        example = example_lines(train_ds, self.tokenizer, cfg.data.chat_template, report.format)
+        for line in report.lines() + example:
             self.say(line)
         model = load_model(
             cfg, model_path, accelerator.num_processes, accelerator.device, is_sharded(accelerator), self.say

@@ -3,6 +3,7 @@ by rank 0 at the end, redrawn by `python -m orpo_dist.report` (also mid-run), an
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -81,6 +82,11 @@ def test_redraw_while_training_runs(run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (partial / "report.png").stat().st_size > 10_000
     assert "From metrics.jsonl (4 rows" in (partial / "report.md").read_text()
+    # a resumed run appends the steps after its checkpoint again: the later rows are the run's
+    redone = {**read_jsonl(out / "metrics.jsonl")[2], "loss": 123.0}
+    (partial / "metrics.jsonl").write_text("\n".join([*lines[:4], json.dumps(redone)]) + "\n")
+    rows = report.read_rows(partial)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[2]["loss"] == 123.0
     missing = subprocess.run([sys.executable, "-m", "orpo_dist.report", str(tmp_path / "nope")], env=launch_env(),
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert missing.returncode == 2 and "metrics.jsonl not found" in missing.stderr
