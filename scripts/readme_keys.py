@@ -1,7 +1,7 @@
 """Regenerate README.md's key table from the config itself (orpo_dist.config.keys.markdown_table).
 
-    python scripts/readme_keys.py           # rewrite the table between the markers in README.md
-    python scripts/readme_keys.py --check   # exit 1 if README.md's table is stale (tests/test_help.py does this)
+python scripts/readme_keys.py           # rewrite the table between the markers in README.md
+python scripts/readme_keys.py --check   # exit 1 if README.md's table is stale (tests/test_help.py does this)
 """
 
 from __future__ import annotations

@@ -314,9 +314,9 @@ def load_config(
             _set(cfg, key, value)
         except ConfigError as e:
             errors.append(str(e))
-    d = cfg.data
+    d = cfg.data  # Axolotl `sequence_len: 256` alone: a prompt budget that fits
     if d.max_prompt_length >= d.max_length and "max_prompt_length" not in {canonical(k) for k, _ in items}:
-        d.max_prompt_length = d.max_length // 2  # Axolotl `sequence_len: 256` alone: a prompt budget that fits
+        d.max_prompt_length = d.max_length // 2
     errors += problems(cfg)  # every problem at once: bad values and bad combinations
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
