@@ -127,6 +127,11 @@ def normalise_rows(
     """Validate every row before any tokenisation; first bad row raises unless skip_invalid."""
     columns = _column_map(cfg, source)
     conversational = _detect_conversational(source, columns["chosen"])
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{source.name}: the rows are conversations (lists of messages) and the tokenizer has no chat "
+            "template: set chat_template: chatml (or zephyr, llama3, none for plain text, or a .jinja file)"
+        )
     rows = source.rows
     if isinstance(rows, datasets.Dataset):  # decode only the columns we use
         rows = rows.select_columns(list(columns.values()))
