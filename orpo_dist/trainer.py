@@ -29,13 +29,15 @@ from orpo_dist.distributed import (
     make_accelerator,
     rank0_print,
 )
+from orpo_dist.hub import check_push
 from orpo_dist.layouts import make_collator, model_inputs
 from orpo_dist.loader import make_loaders
 from orpo_dist.logps import forward_parts
 from orpo_dist.loss import OrpoParts, batch_counts
 from orpo_dist.metrics import MetricsLog, MetricWindow, step_sums
-from orpo_dist.modeling import load_model, load_tokenizer, output_head, resolve_model_path
-from orpo_dist.optim import build_optimizer
+from orpo_dist.modeling import describe_model, load_model, load_tokenizer, output_head, resolve_model_path
+from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
+from orpo_dist.templates import example_lines
 from orpo_dist.throughput import flops_model
 
 PREEMPTED_EXIT_CODE = 3
@@ -53,6 +55,8 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg, t = cfg, cfg.train
+        check_optimizer(t.optim)  # what can only be checked on this machine, before anything is written
+        check_push(cfg)
         self.accelerator = accelerator = make_accelerator(cfg)
         check_world_size(accelerator)
         set_seed(t.seed)
@@ -66,15 +70,18 @@ class Trainer:
         # job (per node with a node-local cache_dir), memory-mapped by every rank
         with accelerator.main_process_first():
             model_path = resolve_model_path(cfg)
-            self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+            self.tokenizer = load_tokenizer(
+                model_path, cfg.model.trust_remote_code, cfg.data.chat_template, self.say
+            )
         data = tokenised_datasets(cfg, self.tokenizer, accelerator, self.say)
-        for line in data.report.lines():
+        example = example_lines(data.train, self.tokenizer, cfg.data.chat_template, data.report.format)
+        for line in data.report.lines() + example:
             self.say(line)
         model = load_model(
             cfg, model_path, accelerator.num_processes, accelerator.device, is_sharded(accelerator), self.say
         )
-        if cfg.peft.use_peft and accelerator.is_main_process:
-            model.print_trainable_parameters()
+        for line in describe_model(model):
+            self.say(line)
 
         collate = make_collator(cfg.orpo.layout, self.tokenizer.pad_token_id, cfg.orpo.nll_scope)
         self.loader, self.eval_loader = make_loaders(t, data.train, data.eval, collate, accelerator)
@@ -82,6 +89,7 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
 
         optimizer, self.scheduler = build_optimizer(t, model, self.total_steps)
+        self.say(f"layout {cfg.orpo.layout}; {describe_optimizer(t, optimizer, self.total_steps)}")
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.lm_head = output_head(accelerator.unwrap_model(self.model))
         self.checkpoints = Checkpointer(accelerator, cfg, self.tokenizer, self.scheduler)
@@ -110,14 +118,18 @@ class Trainer:
             grad_norm = self.optimizer_step(next(steps), window)
             progress.advance(self.loader.shards.steps_per_epoch)
             step = progress.global_step
-            bar.update(1)
             if step % t.logging_steps == 0 or step == self.total_steps:
                 epoch, lr = step / self.loader.shards.steps_per_epoch, self.scheduler.get_last_lr()[0]
                 row = self.metrics.log_train(window, self.cfg.orpo.beta, time.perf_counter() - t0,
                                              self.loader.take_wait_seconds(), step=step, epoch=epoch,
                                              learning_rate=lr, grad_norm=grad_norm)  # fmt: skip
-                bar.set_postfix(loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}", refresh=False
+                )
                 t0 = time.perf_counter()
+            elif accelerator.is_main_process:  # between logging steps: rank 0's running window
+                bar.set_postfix(**window.preview(self.cfg.orpo.beta), refresh=False)
+            bar.update(1)
             epoch_end = progress.step_in_epoch == 0
             if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and epoch_end):
                 self.log_eval(step)
@@ -130,6 +142,7 @@ class Trainer:
                     self.checkpoints.save(self.model)
                 self.say(f"preempted: checkpoint saved at step {step}; exit {PREEMPTED_EXIT_CODE} "
                          "(resume with --resume auto)")  # fmt: skip
+                accelerator.end_training()  # trackers flushed and closed: the resumed run continues them
                 return TrainResult(self.out, step, None, self.metrics.rows, preempted=True)
         bar.close()
         return self.finish()
@@ -191,14 +204,8 @@ class Trainer:
         final = self.out / "final"
         self.checkpoints.save_model(self.model, final)
         accelerator.wait_for_everyone()
-        if self.cfg.export.formats and accelerator.is_main_process:
-            from orpo_dist.export import export
-
-            written = export(
-                final, self.out / "export", self.cfg.export.formats, gguf_quant=self.cfg.export.gguf_quant
-            )
-            for fmt, path in written.items():
-                self.say(f"exported {fmt}: {path}")
+        if accelerator.is_main_process:
+            self.publish(final)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         evals = [r["eval_rewards/accuracies"] for r in self.metrics.rows if "eval_rewards/accuracies" in r]
@@ -206,6 +213,30 @@ class Trainer:
             self.say(f"held-out preference accuracy: {evals[0]:.3f} before -> {evals[-1]:.3f} after")
         self.say(f"done: {step} steps; final model in {final}")
         return TrainResult(self.out, step, final, self.metrics.rows)
+
+    def publish(self, final: Path) -> None:
+        """Rank 0, after training: exports (`<output_dir>/export/merged/`, `export/model-<quant>.gguf`),
+        the Hub upload, and the report (report.md, report.png)."""
+        e, written = self.cfg.export, {}
+        if e.formats:
+            from orpo_dist.export import export
+
+            out = self.out / "export"
+            written = export(final, out, e.formats, gguf_quant=e.gguf_quant, merged_dir=out / "merged")
+            for fmt, path in written.items():
+                self.say(f"exported {fmt}: {path}")
+        if e.push_to_hub:
+            from orpo_dist.hub import push
+
+            self.say(f"pushed to the Hub: {push(self.cfg, final, written)}")
+        try:
+            from orpo_dist.report import write_report
+
+            write_report(self.out, say=self.say)
+        except Exception as err:  # the report is a convenience: it never fails a finished run
+            self.say(
+                f"report not written ({type(err).__name__}: {err}); retry: python -m orpo_dist.report {self.out}"
+            )
 
 
 def run(cfg: Config) -> TrainResult:

@@ -79,7 +79,7 @@ def tokenise_source(
     global _JOB
     n = len(source.rows)
     spans = [range(a, min(a + CHUNK_PAIRS, n)) for a in range(0, n, CHUNK_PAIRS)] or [range(0)]
-    _JOB = _Job(source, cfg, tokenizer, is_conversational_source(source, cfg), held_out)
+    _JOB = _Job(source, cfg, tokenizer, is_conversational_source(source, cfg, tokenizer), held_out)
     bar = tqdm(total=n, desc="Tokenizing pairs", unit=" pairs", disable=n < AUTO_MIN_PAIRS)
     try:
         if num_proc > 1 and len(spans) > 1:

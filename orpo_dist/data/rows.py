@@ -121,9 +121,16 @@ def _normalise(
         raise _BadRow("chat template error", columns["chosen"], f"the chat template failed: {e}") from None
 
 
-def is_conversational_source(source: Source, cfg: DataConfig) -> bool:
-    """The dataset's format, decided once for the whole source (missing columns raise here)."""
-    return _detect_conversational(source, _column_map(cfg, source)["chosen"])
+def is_conversational_source(source: Source, cfg: DataConfig, tokenizer) -> bool:
+    """The dataset's format, decided once for the whole source; whole-source errors (a missing column,
+    conversations without a chat template) raise here."""
+    conversational = _detect_conversational(source, _column_map(cfg, source)["chosen"])
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{source.name}: the rows are conversations (lists of messages) and the tokenizer has no chat "
+            "template: set chat_template: chatml (or zephyr, llama3, none for plain text, or a .jinja file)"
+        )
+    return conversational
 
 
 def normalise_rows(
@@ -140,7 +147,7 @@ def normalise_rows(
     """
     columns = _column_map(cfg, source)
     if conversational is None:
-        conversational = _detect_conversational(source, columns["chosen"])
+        conversational = is_conversational_source(source, cfg, tokenizer)
     rows, span = source.rows, range(len(source.rows)) if span is None else span
     if isinstance(rows, datasets.Dataset):  # decode only the columns we use
         rows = rows.select_columns(list(columns.values())).select(span)
