@@ -67,6 +67,29 @@ class MetricsLog:
         if accelerator.is_main_process and cfg.train.log != "none":
             _init_tracker(accelerator, cfg)
 
+    def start(self, resumed_step: int | None) -> None:
+        """metrics.jsonl holds each step once. A resume keeps only the rows up to its checkpoint's step (the
+        rest is retrained and logged again; a line torn by a kill is dropped); a fresh start moves an
+        earlier run's file aside to metrics.previous.jsonl."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        if resumed_step is None:
+            aside = self.path.with_name("metrics.previous.jsonl")
+            os.replace(self.path, aside)
+            print(f"[orpo_dist] an earlier run's {self.path.name} moved to {aside}", flush=True)
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resumed_step:
+                kept.append(line + "\n")
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(kept))
+        os.replace(partial, self.path)
+
     def log_train(self, window: MetricWindow, beta: float, seconds: float, **fields) -> dict:
         """Reduce a training window into a row (with tokens/s over `seconds` and the given fields), write it."""
         row = window.reduce(self.accelerator, beta)

@@ -14,6 +14,7 @@ from orpo_dist.config.schema import (
     ModelConfig,
     OrpoConfig,
     PeftConfig,
+    SetupError,
     TrainConfig,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "ModelConfig",
     "OrpoConfig",
     "PeftConfig",
+    "SetupError",
     "TrainConfig",
     "canonical",
     "load_config",

@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """Bad configuration: the message lists every problem with its value and the fix."""
 
 
+class SetupError(ConfigError, RuntimeError):
+    """A setting this machine or launch cannot honour (backend, kernels, process group), found at start-up:
+    exit 2 like any ConfigError; also a RuntimeError, as these were before."""
+
+
 @dataclass
 class ModelConfig:
     model: str = "builtin:tiny"
@@ -129,7 +134,7 @@ class TrainConfig:
     save_steps: int | None = 500
     """Checkpoint every N optimizer steps (None: only at the end)."""
     save_total_limit: int | None = 2
-    """Keep this many step checkpoints (None: keep all)."""
+    """Keep this many step checkpoints (None: keep all; at least 1)."""
     log: Literal["none", "wandb", "tensorboard"] = "none"
     run_name: str | None = None
     wandb_project: str = "orpo_dist"
@@ -141,6 +146,8 @@ class TrainConfig:
     group_by_length: bool = False
     """Shard so ranks get similar token counts per step (fewer stragglers)."""
     eval_batch_size: int | None = None
+    ddp_timeout: int = 1800
+    """Seconds a collective waits for a silent (hung or lost) rank before the job fails (gloo and NCCL)."""
 
 
 @dataclass

@@ -28,19 +28,23 @@ import numpy as np
 
 from orpo_dist.config import DataConfig
 from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, DataError, DataReport
-from orpo_dist.data.rows import normalise_rows
+from orpo_dist.data.rows import duplicate_of, normalise_rows
 from orpo_dist.data.sources import Source, load_source, looks_like_hub
 from orpo_dist.data.tokens import tokenize_pairs, truncate_pair
 
 __all__ = ["DataError", "DataReport", "build_datasets", "truncate_pair"]
 
 
-def _eval_ids(n: int, fraction: float, seed: int) -> set[int]:
-    """A seeded held-out set of ids, chosen before validation so length settings never move pairs."""
+def _eval_ids(n: int, fraction: float, seed: int, first_of: list[int] | None = None) -> set[int]:
+    """A seeded held-out set of ids, chosen before validation so length settings never move pairs.
+
+    With `first_of` (rows.duplicate_of), an exact duplicate goes wherever its first copy goes, so the
+    same pair never sits on both sides of the split."""
     if fraction <= 0 or n < 2:
         return set()
     k = min(max(round(n * fraction), 1), n - 1)
-    return {int(i) for i in np.random.default_rng(seed).permutation(n)[:k]}
+    held = {int(i) for i in np.random.default_rng(seed).permutation(n)[:k]}
+    return held if first_of is None else {i for i in range(n) if first_of[i] in held}
 
 
 def _eval_source(cfg: DataConfig, seed: int) -> Source:
@@ -77,6 +81,8 @@ def build_datasets(
     """
     source = load_source(cfg.data_path, cfg.train_split, seed, cfg.max_samples)
     report = DataReport(source=cfg.data_path, read=len(source.rows), dropped=Counter())
+    first_of = duplicate_of(source, cfg)
+    report.duplicates = len(first_of) - len(set(first_of))
     texts, report.format = normalise_rows(source, cfg, tokenizer, report.dropped)
     eval_texts = None
     if cfg.eval_data_path:
@@ -89,7 +95,7 @@ def build_datasets(
     if eval_texts is not None:
         evaluation = tokenize_pairs(eval_texts, tokenizer, cfg, report)
     else:
-        held_out = _eval_ids(len(source.rows), cfg.eval_split, seed)
+        held_out = _eval_ids(len(source.rows), cfg.eval_split, seed, first_of)
         is_eval = np.isin(np.asarray(train["id"], dtype=np.int64), np.fromiter(held_out, dtype=np.int64))
         evaluation = train.select(np.flatnonzero(is_eval)) if held_out else None
         train = train.select(np.flatnonzero(~is_eval))

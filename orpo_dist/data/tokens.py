@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, DataReport
+from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, IDENTICAL_AFTER_TOKENISATION, DataReport
 from orpo_dist.data.rows import COLUMNS
 
 TOKEN_FEATURES = datasets.Features(
@@ -52,10 +52,11 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [row + [eos_id] if eos_id is not None and row[-1:] != [eos_id] else row for row in ids]
 
-    out: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "truncated", "empty")}
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "truncated", "empty", "identical")
+    out: dict[str, list] = {k: [] for k in keys}
     for p, c, r in zip(prompts, completions(batch["chosen"]), completions(batch["rejected"])):
         p, c, r, cut = truncate_pair(p, c, r, cfg)
-        for key, value in zip(out, (p, c, r, cut, not c or not r)):
+        for key, value in zip(out, (p, c, r, cut, not c or not r, c == r)):
             out[key].append(value)
     return out
 
@@ -75,9 +76,11 @@ def tokenize_pairs(
         desc="Tokenizing pairs",
     )
     empty = np.asarray(ds["empty"], dtype=bool)
+    identical = np.asarray(ds["identical"], dtype=bool) & ~empty  # no preference signal left
     truncated = np.asarray(ds["truncated"], dtype=bool)
-    report.truncated += int((truncated & ~empty).sum())
-    if empty.any():
-        report.dropped[EMPTY_AFTER_TRUNCATION] += int(empty.sum())
-        ds = ds.select(np.flatnonzero(~empty))
-    return ds.remove_columns(["truncated", "empty"])
+    report.truncated += int((truncated & ~empty & ~identical).sum())
+    report.dropped[EMPTY_AFTER_TRUNCATION] += int(empty.sum())
+    report.dropped[IDENTICAL_AFTER_TOKENISATION] += int(identical.sum())
+    if (empty | identical).any():
+        ds = ds.select(np.flatnonzero(~(empty | identical)))
+    return ds.remove_columns(["truncated", "empty", "identical"])
