@@ -131,8 +131,10 @@ def find_resume_point(cfg: Config) -> ResumePoint | None:
     found = complete_checkpoints(out) if out.is_dir() else []
     if not resume:
         if found:
+            names = [p.name for p in found]
+            names = names if len(names) <= 3 else [names[0], "...", names[-1]]
             raise ConfigError(
-                f"output_dir {out} already holds checkpoints of an earlier run ({', '.join(p.name for p in found)}): "
+                f"output_dir {out} already holds checkpoints of an earlier run ({', '.join(names)}): "
                 "continue it with --resume auto, or start over in another output_dir (or delete them)"
             )
         return None
