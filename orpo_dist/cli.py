@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from importlib.resources import files
 
-from orpo_dist.config import LEAVES, Config, ConfigError, load_config
+from orpo_dist.config import Config, ConfigError, load_config
 
 USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
        accelerate launch [--config_file configs/accelerate/X.yaml] -m orpo_dist.train ...
@@ -28,9 +28,21 @@ Keys may be written --key value, --key=value, with dashes or underscores; boolea
 --learning_rate, --load_in_4bit, ...). See README.md for the table.
 With no arguments at all, or --config quickstart: the built-in quickstart preset. Otherwise the
 documented defaults, then the --config file, then the flags.
+--version prints the versions of orpo_dist and the libraries it trains with.
 """
 QUICKSTART = "quickstart"  # `--config quickstart`: the preset by name
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+VERSIONED = (
+    "torch",
+    "transformers",
+    "trl",
+    "accelerate",
+    "peft",
+    "deepspeed",
+    "bitsandbytes",
+    "datasets",
+    "wandb",
+)
 
 
 def quickstart_preset() -> str:
@@ -38,8 +50,24 @@ def quickstart_preset() -> str:
 
 
 def _help() -> str:
-    keys = "\n".join(f"  --{name:<26} [{section}]" for name, (section, _) in LEAVES.items())
-    return USAGE + "\nkeys:\n" + keys
+    from orpo_dist.config.keys import help_text
+
+    return USAGE + "\nkeys, by section (a section's keys may also be written under it in YAML):" + help_text()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import orpo_dist
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{name} {installed(name)}" for name in VERSIONED)
+    return f"orpo_dist {orpo_dist.__version__} (python {sys.version.split()[0]}; {libs})"
 
 
 def parse(argv: list[str]) -> tuple[Config, bool]:
@@ -113,8 +141,11 @@ def _main(argv: list[str], signalled: Callable[[], bool]) -> int:
     if "-h" in argv or "--help" in argv:
         print(_help())
         return 0
+    if "--version" in argv:
+        print(_version())
+        return 0
     logging.basicConfig(level=logging.INFO, format="[orpo_dist] %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "accelerate"):
+    for noisy in ("httpx", "urllib3", "datasets", "accelerate", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernel notice, not actionable
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

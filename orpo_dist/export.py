@@ -2,8 +2,11 @@
 
 Single-process by design: the trainer calls this on rank 0 after the last barrier.
 
-    python -m orpo_dist.export --checkpoint outputs/orpo/final --format merged_16bit gguf --out outputs/export
+    python -m orpo_dist.export --checkpoint outputs/orpo/final --format merged_16bit gguf --out outputs/model
 
+writes the merged model AT `--out` (`from_pretrained("outputs/model")`, as Unsloth's
+`save_pretrained_merged`) and the GGUF beside it (`outputs/model/model-q4_k_m.gguf`). At the end of
+training the trainer writes `<output_dir>/export/merged/` and `<output_dir>/export/model-<quant>.gguf`.
 GGUF (gguf.py) is derived from the merged model and needs the optional toolchain
 (`bash scripts/install_gguf.sh`).
 """
@@ -154,31 +157,45 @@ def export(
     gguf_quant: str = "q4_k_m",
     dtype: str = "bfloat16",
     base_model: str | None = None,
+    merged_dir: str | Path | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Path]:
     """Merge once and derive every requested format from it: {"merged_16bit": dir, "gguf": file}.
 
-    A failing GGUF step keeps the merged model (ExportError says where)."""
+    The merged model is written to `merged_dir` (default: `out_dir` itself), the GGUF to
+    `out_dir/model-<quant>.gguf`; with gguf alone the merged model is a temporary directory. A failing
+    GGUF step never loses the merged model: it is kept (as `out_dir/merged` when it was temporary) and
+    ExportError says where."""
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"formats={formats!r}; choose one or more of {list(FORMATS)}")
     if "gguf" in formats:
         find_converter()  # fail before the (long) merge if the toolchain is missing
     out = Path(out_dir)
-    merged = merge_to_16bit(checkpoint, out / "merged", dtype, base_model, trust_remote_code)
-    result: dict[str, Path] = {}
-    if "merged_16bit" in formats:
-        result["merged_16bit"] = merged
+    keep = "merged_16bit" in formats
+    if not keep:
+        out.mkdir(parents=True, exist_ok=True)
+        merged_dir = tempfile.mkdtemp(prefix=".merged-", dir=out)
+    try:
+        merged = merge_to_16bit(checkpoint, merged_dir or out, dtype, base_model, trust_remote_code)
+    except BaseException:
+        if not keep:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+        raise
+    result: dict[str, Path] = {"merged_16bit": merged} if keep else {}
     if "gguf" in formats:
         try:
             result["gguf"] = to_gguf(merged, out / f"model-{gguf_quant}.gguf", gguf_quant)
         except Exception as e:
+            if not keep:  # the temporary merge outlives the failed step under a plain name
+                shutil.rmtree(out / "merged", ignore_errors=True)
+                merged = Path(merged).rename(out / "merged")
             raise ExportError(
                 f"GGUF export failed ({type(e).__name__}: {e}); the merged 16-bit model is kept in {merged} "
                 f"(retry: python -m orpo_dist.export --checkpoint {merged} --format gguf --out {out})"
             ) from e
-        if "merged_16bit" not in formats:
-            shutil.rmtree(merged)
+    if not keep:
+        shutil.rmtree(merged_dir, ignore_errors=True)
     return result
 
 
@@ -191,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--format", nargs="+", required=True, metavar="FORMAT", help=" and/or ".join(FORMATS))
     parser.add_argument("--quant", default="q4_k_m", choices=GGUF_QUANTS, help="GGUF quantisation")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="directory the model is written to (from_pretrained(OUT)); GGUF beside it",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--base-model", default=None, help="override the adapter's base_model_name_or_path")
     parser.add_argument(

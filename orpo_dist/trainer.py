@@ -32,15 +32,17 @@ from orpo_dist.distributed import (
     rank0_print,
 )
 from orpo_dist.health import Health, non_finite
+from orpo_dist.hub import check_push
 from orpo_dist.layouts import make_collator, model_inputs
 from orpo_dist.loader import make_loaders
 from orpo_dist.logps import forward_parts
 from orpo_dist.loss import OrpoParts, batch_counts
 from orpo_dist.metrics import MetricsLog, MetricWindow, step_sums
-from orpo_dist.modeling import load_model, load_tokenizer, output_head, resolve_model_path
-from orpo_dist.optim import build_optimizer
+from orpo_dist.modeling import describe_model, load_model, load_tokenizer, output_head, resolve_model_path
+from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
 from orpo_dist.preflight import check_model, check_run
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
+from orpo_dist.templates import example_lines
 
 PREEMPTED_EXIT_CODE = 3
 
@@ -57,6 +59,8 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: Config, preempt: Preemption):
         self.cfg, t, self.preempt = cfg, cfg.train, preempt
+        check_optimizer(t.optim)  # what can only be checked on this machine, before anything is written
+        check_push(cfg)
         self.accelerator = accelerator = make_accelerator(cfg)
         check_world_size(accelerator)
         set_seed(t.seed)
@@ -72,7 +76,8 @@ class Trainer:
         model_path, self.tokenizer, (train_ds, eval_ds, report) = agreed_start(
             accelerator, self._inputs, main_first=True
         )
-        for line in report.lines():
+        example = example_lines(train_ds, self.tokenizer, cfg.data.chat_template, report.format)
+        for line in report.lines() + example:
             self.say(line)
         collate = make_collator(cfg.orpo.layout, self.tokenizer.pad_token_id, cfg.orpo.nll_scope)
         self.loader, self.eval_loader = make_loaders(t, train_ds, eval_ds, collate, accelerator)
@@ -86,9 +91,10 @@ class Trainer:
         model = load_model(
             cfg, model_path, accelerator.num_processes, accelerator.device, is_sharded(accelerator), self.say
         )
-        if cfg.peft.use_peft and accelerator.is_main_process:
-            model.print_trainable_parameters()
+        for line in describe_model(model):
+            self.say(line)
         optimizer, self.scheduler = build_optimizer(t, model, self.total_steps)
+        self.say(f"layout {cfg.orpo.layout}; {describe_optimizer(t, optimizer, self.total_steps)}")
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.lm_head = output_head(accelerator.unwrap_model(self.model))
         self.checkpoints = Checkpointer(accelerator, cfg, self.tokenizer, self.scheduler, fingerprint)
@@ -101,7 +107,9 @@ class Trainer:
         model_path = resolve_model_path(cfg)
         check_model(cfg, model_path, self.accelerator.num_processes, is_sharded(self.accelerator))
         try:
-            tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+            tokenizer = load_tokenizer(
+                model_path, cfg.model.trust_remote_code, cfg.data.chat_template, self.say
+            )
         except (OSError, ValueError) as e:
             raise ConfigError(f"model={cfg.model.model}: cannot load its tokenizer ({e})") from None
         return model_path, tokenizer, build_datasets(cfg.data, tokenizer, cfg.train.seed)
@@ -131,11 +139,15 @@ class Trainer:
                 grad_norm, health = self.optimizer_step(next(steps), window)
                 progress.advance(self.loader.shards.steps_per_epoch)
                 step = progress.global_step
-                bar.update(1)
                 if step % t.logging_steps == 0 or step == self.total_steps:
                     row = self.log_train(window, step, grad_norm, time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}")
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}", refresh=False
+                    )
                     t0 = time.perf_counter()
+                elif accelerator.is_main_process:  # between logging steps: rank 0's running window
+                    bar.set_postfix(**window.preview(self.cfg.orpo.beta), refresh=False)
+                bar.update(1)
                 epoch_end = progress.step_in_epoch == 0
                 if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and epoch_end):
                     self.log_eval(step)
@@ -153,6 +165,7 @@ class Trainer:
     def preempted(self, step: int, during: str = "") -> TrainResult:
         what = f"during {during}, nothing new to save" if during else "checkpoint saved"
         self.say(f"preempted: {what} at step {step}; exit {PREEMPTED_EXIT_CODE} (resume with --resume auto)")
+        self.accelerator.end_training()  # trackers flushed and closed: the resumed run continues them
         return TrainResult(self.out, step, None, self.metrics.rows, preempted=True)
 
     def optimizer_step(
@@ -227,22 +240,7 @@ class Trainer:
         final = self.out / "final"
         self.checkpoints.save_model(self.model, final)
         accelerator.wait_for_everyone()
-        failed = None
-        if self.cfg.export.formats and accelerator.is_main_process:
-            from orpo_dist.export import ExportError, export
-
-            try:
-                written = export(final, self.out / "export", self.cfg.export.formats,
-                                 gguf_quant=self.cfg.export.gguf_quant, trust_remote_code=self.cfg.model.trust_remote_code)  # fmt: skip
-            except Exception as e:  # noqa: BLE001 - raised after the barrier, so no rank is left waiting
-                written = {}
-                failed = (
-                    e
-                    if isinstance(e, ExportError)
-                    else ExportError(f"export failed ({type(e).__name__}: {e})")
-                )
-            for fmt, path in written.items():
-                self.say(f"exported {fmt}: {path}")
+        failed = self.publish(final) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         if failed:
             raise failed
@@ -252,6 +250,40 @@ class Trainer:
             self.say(f"held-out preference accuracy: {evals[0]:.3f} before -> {evals[-1]:.3f} after")
         self.say(f"done: {step} steps; final model in {final}")
         return TrainResult(self.out, step, final, self.metrics.rows)
+
+    def publish(self, final: Path) -> Exception | None:
+        """Rank 0, after training: exports (`<output_dir>/export/merged/`, `export/model-<quant>.gguf`),
+        the Hub upload, and the report (report.md, report.png). Returns an export failure instead of
+        raising it, so it is raised after the barrier and no rank is left waiting."""
+        e, written, failed = self.cfg.export, {}, None
+        if e.formats:
+            from orpo_dist.export import ExportError, export
+
+            out = self.out / "export"
+            try:
+                written = export(final, out, e.formats, gguf_quant=e.gguf_quant, merged_dir=out / "merged",
+                                 trust_remote_code=self.cfg.model.trust_remote_code)  # fmt: skip
+            except Exception as err:  # noqa: BLE001
+                failed = (
+                    err
+                    if isinstance(err, ExportError)
+                    else ExportError(f"export failed ({type(err).__name__}: {err})")
+                )
+            for fmt, path in written.items():
+                self.say(f"exported {fmt}: {path}")
+        if e.push_to_hub and not failed:
+            from orpo_dist.hub import push
+
+            self.say(f"pushed to the Hub: {push(self.cfg, final, written)}")
+        try:
+            from orpo_dist.report import write_report
+
+            write_report(self.out, say=self.say)
+        except Exception as err:  # the report is a convenience: it never fails a finished run
+            self.say(
+                f"report not written ({type(err).__name__}: {err}); retry: python -m orpo_dist.report {self.out}"
+            )
+        return failed
 
 
 def run(cfg: Config, signalled: Callable[[], bool] | None = None) -> TrainResult:

@@ -2,7 +2,8 @@
 
 The merge tests build real adapters (a few SGD steps, so the LoRA delta is non-zero) on the tiny model
 and compare the merged model, loaded fresh with `from_pretrained`, against the PEFT model.
-The GGUF test needs the optional toolchain (`bash scripts/install_gguf.sh`) and skips without it.
+The GGUF test needs the optional toolchain (`bash scripts/install_gguf.sh`) and skips without it
+(fails instead with ORPO_DIST_REQUIRE_GGUF=1, as in CI).
 """
 
 from __future__ import annotations
@@ -232,12 +233,14 @@ def test_cli_help_and_bad_format(capsys):
 
 
 def test_cli_merge(lora_checkpoint, tmp_path, capsys):
-    rc = ex.main(
-        ["--checkpoint", str(lora_checkpoint[0]), "--format", "merged_16bit", "--out", str(tmp_path)]
-    )
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "my-model"
+    rc = ex.main(["--checkpoint", str(lora_checkpoint[0]), "--format", "merged_16bit", "--out", str(out)])
     assert rc == 0
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
-    assert "merged_16bit:" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and not (out / "merged").exists()  # at --out, as Unsloth
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+    assert f"merged_16bit: {out}" in capsys.readouterr().out
     assert ex.main(["--checkpoint", str(tmp_path / "nope"), "--format", "merged_16bit", "--out", "o"]) == 1
     assert "does not exist" in capsys.readouterr().err
 
@@ -259,15 +262,20 @@ def test_char_vocab_as_sentencepiece_matches_hf(tiny_model_dir, tokenizer, tmp_p
 
 
 def _gguf_toolchain():
+    def skip(reason: str):  # CI sets ORPO_DIST_REQUIRE_GGUF=1: a missing toolchain is then a failure
+        if os.environ.get("ORPO_DIST_REQUIRE_GGUF", "") not in ("", "0"):
+            pytest.fail(f"{reason} (ORPO_DIST_REQUIRE_GGUF is set: the GGUF tests must run)", pytrace=False)
+        pytest.skip(reason)
+
     for mod in ("llama_cpp", "gguf"):
         try:
             __import__(mod)
         except ImportError:
-            pytest.skip(f"{mod} not installed: run `bash scripts/install_gguf.sh` for the GGUF toolchain")
+            skip(f"{mod} not installed: run `bash scripts/install_gguf.sh` for the GGUF toolchain")
     try:
         gguf_export.find_converter()
     except (FileNotFoundError, ImportError) as e:
-        pytest.skip(f"GGUF toolchain incomplete: {e}")
+        skip(f"GGUF toolchain incomplete: {e}")
 
 
 @pytest.mark.slow

@@ -3,9 +3,11 @@
 from orpo_dist.config.checks import problems, validate
 from orpo_dist.config.load import ALIASES, LEAVES, SWITCHES, canonical, load_config, parse_overrides
 from orpo_dist.config.schema import (
+    CHAT_TEMPLATES,
     EXPORT_FORMATS,
     GGUF_QUANTS,
     LAYOUTS,
+    OPTIMIZERS,
     SECTIONS,
     Config,
     ConfigError,
@@ -20,10 +22,12 @@ from orpo_dist.config.schema import (
 
 __all__ = [
     "ALIASES",
+    "CHAT_TEMPLATES",
     "EXPORT_FORMATS",
     "GGUF_QUANTS",
     "LAYOUTS",
     "LEAVES",
+    "OPTIMIZERS",
     "SECTIONS",
     "SWITCHES",
     "Config",

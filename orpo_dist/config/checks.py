@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
-from orpo_dist.config.schema import Config, ConfigError
+from orpo_dist.config.schema import CHAT_TEMPLATES, Config, ConfigError
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -60,6 +61,16 @@ def problems(cfg: Config) -> list[str]:
             "cannot express 'rejected sees the prompt but not chosen'. Use attn_implementation: flex_attention "
             "(GPU), sdpa or eager, or layout: packed with flash attention."
         )
+    template = d.chat_template
+    if template is not None and template not in CHAT_TEMPLATES and not Path(template).expanduser().is_file():
+        p.append(
+            f"chat_template={template!r} is not one of {list(CHAT_TEMPLATES)} nor an existing .jinja file"
+        )
+    e = cfg.export
+    if e.push_to_hub and not e.hub_model_id:
+        p.append("push_to_hub: true needs hub_model_id: <owner>/<name> (the Hub repository to upload to)")
+    if e.hub_model_id and e.hub_model_id.count("/") != 1:
+        p.append(f"hub_model_id={e.hub_model_id!r} must be <owner>/<name>")
     not_finite = _not_finite(cfg)
     flagged = tuple(f"{problem.split('=')[0]}=" for problem in not_finite)
     return not_finite + [problem for problem in p if not problem.startswith(flagged)]

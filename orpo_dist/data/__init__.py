@@ -51,7 +51,9 @@ def _eval_source(cfg: DataConfig, seed: int) -> Source:
     """`eval_data_path` is a file/dataset, or (AutoTrain `valid_split`) a split name of the train source."""
     path, train = cfg.eval_data_path, Path(cfg.data_path).expanduser()
     is_split_name = re.fullmatch(r"[\w-]+", path) and not Path(path).expanduser().exists()
-    train_has_splits = (train / "dataset_dict.json").exists() or looks_like_hub(cfg.data_path)
+    # a DatasetDict directory, a hub dataset, or AutoTrain's DIR holding <valid_split>.csv
+    single = (train / "state.json").exists()  # a save_to_disk Dataset, not a DatasetDict: it has no splits
+    train_has_splits = (train.is_dir() and not single) or looks_like_hub(cfg.data_path)
     if is_split_name and train_has_splits:
         return load_source(cfg.data_path, path, seed, None)
     return load_source(path, cfg.train_split, seed, None)

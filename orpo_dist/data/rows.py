@@ -71,7 +71,9 @@ def _share(source: Source, column: str) -> float:
     """Fraction of rows holding `column` (1 or 0 for a table; per row in a JSON file, where rows may differ)."""
     if column not in source.columns:
         return 0.0
-    rows = [] if isinstance(source.rows, datasets.Dataset) else [r for r in source.rows if isinstance(r, dict)]
+    rows = (
+        [] if isinstance(source.rows, datasets.Dataset) else [r for r in source.rows if isinstance(r, dict)]
+    )
     return sum(column in r for r in rows) / len(rows) if rows else 1.0
 
 
@@ -184,6 +186,11 @@ def normalise_rows(
     """Validate every row before any tokenisation; first bad row raises unless skip_invalid."""
     columns = _column_map(cfg, source)
     conversational = _detect_conversational(source, columns["chosen"])
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{source.name}: the rows are conversations (lists of messages) and the tokenizer has no chat "
+            "template: set chat_template: chatml (or zephyr, llama3, none for plain text, or a .jinja file)"
+        )
     rows = source.rows
     if isinstance(rows, datasets.Dataset):  # decode only the columns we use
         rows = rows.select_columns(list(columns.values()))

@@ -25,8 +25,9 @@ from orpo_dist.builtin import BUILTIN_PREFIX, builtin_pairs
 from orpo_dist.data.report import DataError
 
 ACCEPTED = (
-    "a .jsonl, .json, .csv or .parquet file, a directory written by datasets' save_to_disk, "
-    f"a hub dataset name (owner/name), or {BUILTIN_PREFIX}<name>"
+    "a .jsonl, .json, .csv or .parquet file, a directory holding train.jsonl|csv|parquet (AutoTrain's "
+    "layout), a directory written by datasets' save_to_disk, a hub dataset name (owner/name), or "
+    f"{BUILTIN_PREFIX}<name>"
 )
 FILE_KINDS = (".jsonl", ".json", ".csv", ".parquet", ".gz")
 GZIP_MAGIC = b"\x1f\x8b"
@@ -66,7 +67,12 @@ def load_source(path: str, split: str, seed: int, max_samples: int | None) -> So
     if p.is_dir():
         if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
             return _from_dataset(path, _pick_split(path, datasets.load_from_disk(str(p)), split), max_samples)
-        raise DataError(f"{path}: directory is not a datasets save_to_disk directory. Accepted: {ACCEPTED}.")
+        if split_file := split_file_in(p, split):  # AutoTrain: --data-path DIR holding train.csv
+            return load_source(str(split_file), split, seed, max_samples)
+        raise DataError(
+            f"{path}: directory holds no {split}.jsonl|json|csv|parquet and is not a save_to_disk directory. "
+            f"Accepted: {ACCEPTED}."
+        )
     suffixes = [x.lower() for x in p.suffixes[-2:]]
     suffix = suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) == 2 else p.suffix.lower()
     if p.is_file():
@@ -88,6 +94,12 @@ def load_source(path: str, split: str, seed: int, max_samples: int | None) -> So
             f"failed: {type(e).__name__}: {e}. Accepted: {ACCEPTED}."
         ) from e
     return _from_dataset(path, ds, max_samples)
+
+
+def split_file_in(directory: Path, split: str) -> Path | None:
+    """AutoTrain's local layout: the split `train` (or `--valid-split NAME`) is DIR/<split>.<jsonl|csv|...>."""
+    found = [directory / f"{split}{kind}" for kind in FILE_KINDS if (directory / f"{split}{kind}").is_file()]
+    return found[0] if found else None
 
 
 def looks_like_hub(path: str) -> bool:
