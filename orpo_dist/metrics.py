@@ -11,6 +11,7 @@ peak allocated, else the process's peak RSS), which the report (report.py) reads
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -83,6 +84,29 @@ class MetricsLog:
         self.tracker = (
             Tracker(accelerator, cfg) if accelerator.is_main_process and cfg.train.log != "none" else None
         )
+
+    def start(self, resumed_step: int | None) -> None:
+        """metrics.jsonl holds each step once. A resume keeps only the rows up to its checkpoint's step (the
+        rest is retrained and logged again; a line torn by a kill is dropped); a fresh start moves an
+        earlier run's file aside to metrics.previous.jsonl."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        if resumed_step is None:
+            aside = self.path.with_name("metrics.previous.jsonl")
+            os.replace(self.path, aside)
+            print(f"[orpo_dist] an earlier run's {self.path.name} moved to {aside}", flush=True)
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resumed_step:
+                kept.append(line + "\n")
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(kept))
+        os.replace(partial, self.path)
 
     def log_train(
         self, window: MetricWindow, beta: float, seconds: float, data_wait: float, **fields

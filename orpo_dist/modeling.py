@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from orpo_dist.builtin import BUILTIN_PREFIX, save_builtin_model
-from orpo_dist.config import Config
+from orpo_dist.config import Config, SetupError
 from orpo_dist.templates import set_chat_template
 
 log = logging.getLogger("orpo_dist")
@@ -82,13 +82,27 @@ def choose_backend(cfg: Config, num_processes: int, model_type: str | None) -> t
         return "hf", "backend: hf requested"
     if cfg.model.backend == "unsloth":
         if blockers:
-            raise RuntimeError(
+            raise SetupError(
                 "backend: unsloth cannot run here: " + "; ".join(blockers) + ". Use backend: auto or hf."
             )
         return "unsloth", "backend: unsloth requested"
     if blockers:
         return "hf", "auto: transformers + PEFT because " + "; ".join(blockers)
     return "unsloth", "auto: Unsloth is installed, 1 process, CUDA, supported architecture"
+
+
+def fused_kernel_blockers(mode: str) -> list[str]:
+    """Why Liger's kernels cannot run here; `fused_kernels: liger` with any is a ConfigError."""
+    blockers = []
+    if importlib.util.find_spec("liger_kernel") is None:
+        blockers.append("liger-kernel is not installed (pip install liger-kernel)")
+    if not torch.cuda.is_available():
+        blockers.append("no CUDA GPU (Liger kernels are Triton)")
+    if blockers and mode == "liger":
+        raise SetupError(
+            "fused_kernels: liger cannot run here: " + "; ".join(blockers) + ". Use auto or none."
+        )
+    return blockers
 
 
 def apply_fused_kernels(model, mode: str, say=log.info) -> str:
@@ -99,16 +113,8 @@ def apply_fused_kernels(model, mode: str, say=log.info) -> str:
     """
     if mode == "none":
         return "none"
-    blockers = []
-    if importlib.util.find_spec("liger_kernel") is None:
-        blockers.append("liger-kernel is not installed (pip install liger-kernel)")
-    if not torch.cuda.is_available():
-        blockers.append("no CUDA GPU (Liger kernels are Triton)")
+    blockers = fused_kernel_blockers(mode)
     if blockers:
-        if mode == "liger":
-            raise RuntimeError(
-                "fused_kernels: liger cannot run here: " + "; ".join(blockers) + ". Use auto or none."
-            )
         say("fused kernels: none (" + "; ".join(blockers) + ")")
         return "none"
     from liger_kernel.transformers import _apply_liger_kernel_to_instance  # pragma: no cover - CUDA only
@@ -159,8 +165,8 @@ def load_model(
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.peft.quantization:
-        if sharded and cfg.peft.quantization == "int8":
-            raise RuntimeError(
+        if sharded and cfg.peft.quantization == "int8":  # preflight refuses it earlier; kept for API callers
+            raise SetupError(
                 "quantization: int8 cannot be sharded by ZeRO-3/FSDP; use int4 (QLoRA) or ZeRO-2/DDP."
             )
         kwargs["quantization_config"] = quantization_config(cfg, sharded)

@@ -121,6 +121,20 @@ def example_pairs(tokenizer) -> list[dict]:
     return [tokenized_pair(tokenizer, *row, i) for i, row in enumerate(rows)]
 
 
+def signal_after_logging(monkeypatch, step: int, sig: int = signal.SIGUSR1) -> None:
+    """Send `sig` to this process right after the training row of `step` is logged (a preemption there)."""
+    from orpo_dist.metrics import MetricsLog
+
+    write = MetricsLog.write
+
+    def write_then_signal(self, row):
+        write(self, row)
+        if row.get("step") == step and "loss" in row:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
+
+
 def pairs_jsonl(path: Path, n: int = 40, seed: int = 1) -> Path:
     """`n` pairs of the built-in task as a standard-format JSON lines file."""
     from orpo_dist.builtin import case_rule_pairs

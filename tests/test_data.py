@@ -131,7 +131,9 @@ def test_builtin_case_rule_loads(tokenizer):
     train, evaluation, report = build_datasets(
         DataConfig(data_path="builtin:case_rule", eval_split=0.1), tokenizer, 0
     )
-    assert (report.read, report.used_train, report.used_eval) == (2000, 1800, 200)
+    # seed 0 draws 3 exact duplicates; the first copy of one was drawn for eval, so its twin follows it
+    # there (exact duplicates are never split across train/eval): 201 held out instead of 200
+    assert (report.read, report.used_train, report.used_eval, report.duplicates) == (2000, 1799, 201, 3)
     first = texts_of(train.select([0]), tokenizer)[0]
     assert first["prompt"].startswith("<s>Write in ") and first["chosen"].endswith("</s>")
     assert first["chosen"].lower() == first["rejected"].lower() and first["chosen"] != first["rejected"]

@@ -36,6 +36,7 @@ class SoloAccelerator:
 
     num_processes, process_index, is_main_process, is_local_main_process = 1, 0, True, True
     main_process_first = local_main_process_first = staticmethod(contextlib.nullcontext)
+    wait_for_everyone = staticmethod(lambda: None)
 
 
 def write_pairs(path, n: int, start: int = 0) -> str:

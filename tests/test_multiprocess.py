@@ -14,6 +14,7 @@ The first DeepSpeed launch on a machine compiles a small extension (~80 s); late
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,6 @@ def launch(
     out = out or tmp / name
     trace = tmp / f"trace-{name}"
     trace.mkdir(parents=True)
-    before = len(read_jsonl(out / "metrics.jsonl"))
     train = ["-m", "orpo_dist.train", "--config", str(TINY_YAML)]
     train += ["--model", str(model_dir), "--output_dir", str(out)]
     env = launch_env(ORPO_DIST_TRACE_DIR=str(trace))
@@ -89,8 +89,12 @@ def launch(
         cmd += ["--mixed_precision", "no", "--main_process_port", str(free_port()), *train]
     rc, log = run_process([*cmd, *overrides], env, cwd=tmp, timeout=TIMEOUT)
     trace_rows = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
+    # a resume keeps the rows up to its checkpoint and logs the steps after it (each step once)
+    resumed = re.search(r"resumed from \S+ at step (\d+)", log)
+    start = int(resumed.group(1)) if resumed else -1
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] > start]
     data = {row["rank"]: row for f in trace.glob("data_rank*.json") for row in read_jsonl(f)}
-    return Run(rc, log, out, read_jsonl(out / "metrics.jsonl")[before:], trace_rows, data)
+    return Run(rc, log, out, rows, trace_rows, data)
 
 
 LORA = ("--peft", "--lr", "1e-2")

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import OFFLINE_ENV, REPO, orpo_forward, tiny_run
+from helpers import OFFLINE_ENV, REPO, orpo_forward, signal_after_logging, tiny_run
 from safetensors.torch import load_file
 
 import orpo_dist
 from orpo_dist.config import load_config
-from orpo_dist.metrics import MetricsLog
 from orpo_dist.trainer import PREEMPTED_EXIT_CODE, exit_code
 
 TRAIN_KEYS = [
@@ -211,14 +210,7 @@ def test_resume_after_preemption_is_exact(tmp_path, tiny_model_dir, monkeypatch,
     assert a.global_step == 8 and not a.preempted
 
     # B1: the same run, preempted by SIGUSR1 (SLURM's warning signal) right after step 4's checkpoint
-    write_metrics = MetricsLog.write
-
-    def signal_at_step_4(self, row):
-        write_metrics(self, row)
-        if row.get("step") == 4 and "loss" in row:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(MetricsLog, "write", signal_at_step_4)
+    signal_after_logging(monkeypatch, step=4)
     b1 = orpo_dist.train(_resume_config(tmp_path / "b", tiny_model_dir))
     monkeypatch.undo()
     assert b1.preempted and b1.global_step == 4 and b1.final_dir is None

@@ -16,6 +16,7 @@ from orpo_dist.config.schema import (
     ModelConfig,
     OrpoConfig,
     PeftConfig,
+    SetupError,
     TrainConfig,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "ModelConfig",
     "OrpoConfig",
     "PeftConfig",
+    "SetupError",
     "TrainConfig",
     "canonical",
     "load_config",

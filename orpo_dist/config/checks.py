@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 from orpo_dist.config.schema import CHAT_TEMPLATES, Config, ConfigError
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def problems(cfg: Config) -> list[str]:
@@ -14,12 +17,13 @@ def problems(cfg: Config) -> list[str]:
     at_least_one = dict(
         batch_size=t.batch_size, gradient_accumulation=t.gradient_accumulation, logging_steps=t.logging_steps,
         max_length=d.max_length, max_prompt_length=d.max_prompt_length, logps_chunk_size=o.logps_chunk_size,
-        lora_r=pe.lora_r,
+        lora_r=pe.lora_r, ddp_timeout=t.ddp_timeout,
     )  # fmt: skip
     at_least = dict(num_proc=(d.num_proc, 1), dataloader_num_workers=(t.dataloader_num_workers, 0))
     unset_or_at_least_one = dict(
         save_steps=t.save_steps, eval_steps=t.eval_steps, eval_batch_size=t.eval_batch_size,
         max_completion_length=d.max_completion_length, max_samples=d.max_samples,
+        save_total_limit=t.save_total_limit,
     )  # fmt: skip
     p = [f"{name}={value} must be >= 1" for name, value in at_least_one.items() if value < 1]
     p += [
@@ -44,6 +48,8 @@ def problems(cfg: Config) -> list[str]:
         p.append(f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     if t.max_grad_norm < 0:
         p.append(f"max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if t.weight_decay < 0:
+        p.append(f"weight_decay={t.weight_decay} must be >= 0")
     if not 0 <= d.eval_split < 1:
         p.append(f"eval_split={d.eval_split} must be a fraction in [0, 1)")
     if d.max_prompt_length >= d.max_length:
@@ -73,7 +79,22 @@ def problems(cfg: Config) -> list[str]:
         p.append("push_to_hub: true needs hub_model_id: <owner>/<name> (the Hub repository to upload to)")
     if e.hub_model_id and e.hub_model_id.count("/") != 1:
         p.append(f"hub_model_id={e.hub_model_id!r} must be <owner>/<name>")
-    return p
+    not_finite = _not_finite(cfg)
+    flagged = tuple(f"{problem.split('=')[0]}=" for problem in not_finite)
+    return not_finite + [problem for problem in p if not problem.startswith(flagged)]
+
+
+def _not_finite(cfg: Config) -> list[str]:
+    """Every float setting must be a finite number, in float32 too: `lr: inf`, `beta: nan` or `beta: 1e39`
+    (inf once the loss is computed in float32) would train NaN into a model."""
+    return [
+        f"{f.name}={value} must be a finite number"
+        + (" (float32 holds up to 3.4e38)" if math.isfinite(value) else "")
+        for section in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if isinstance(value := getattr(getattr(cfg, section.name), f.name), float)
+        and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX)
+    ]
 
 
 def validate(cfg: Config) -> None:

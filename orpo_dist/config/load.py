@@ -299,6 +299,33 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     return items
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping, or a one-line ConfigError naming the file (and the line of a syntax error)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file (e.g. {p / 'run.yaml'})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> Config:
@@ -306,10 +333,7 @@ def load_config(
     cfg = Config()
     items: list[tuple[str, Any]] = []
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        items += _flatten(data)
+        items += _flatten(read_yaml(path))
     if isinstance(overrides, dict):
         items += _flatten(overrides)
     elif overrides:

@@ -32,6 +32,11 @@ class ConfigError(ValueError):
     """Bad configuration: the message lists every problem with its value and the fix."""
 
 
+class SetupError(ConfigError, RuntimeError):
+    """A setting this machine or launch cannot honour (backend, kernels, process group), found at start-up:
+    exit 2 like any ConfigError; also a RuntimeError, as these were before."""
+
+
 @dataclass
 class ModelConfig:
     model: str = "builtin:tiny"
@@ -161,7 +166,7 @@ class TrainConfig:
     save_steps: int | None = 500
     """Checkpoint every N optimizer steps (None: only at the end)."""
     save_total_limit: int | None = 2
-    """Keep this many step checkpoints (None: keep all)."""
+    """Keep this many step checkpoints (None: keep all; at least 1)."""
     log: Literal["none", "wandb", "tensorboard"] = "none"
     """Tracker for the metrics (metrics.jsonl is always written); keys as TRL logs them (`train/loss`, ...)."""
     run_name: str | None = None
@@ -181,6 +186,8 @@ class TrainConfig:
     """Processes that collate the next micro-batches during the step; `auto`: 2 on CUDA, 0 on CPU."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one accelerator for `mfu` (None: from the GPU's name; bf16 dense)."""
+    ddp_timeout: int = 1800
+    """Seconds a collective waits for a silent (hung or lost) rank before the job fails (gloo and NCCL)."""
 
 
 @dataclass

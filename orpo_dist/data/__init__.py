@@ -33,18 +33,23 @@ import numpy as np
 from orpo_dist.config import DataConfig
 from orpo_dist.data.parallel import AllRows, resolve_num_proc, tokenise_source
 from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, DataError, DataReport
+from orpo_dist.data.rows import duplicate_of
 from orpo_dist.data.sources import load_source, looks_like_hub
 from orpo_dist.data.tokens import truncate_pair
 
 __all__ = ["DataError", "DataReport", "build_datasets", "truncate_pair"]
 
 
-def _eval_ids(n: int, fraction: float, seed: int) -> set[int]:
-    """A seeded held-out set of ids, chosen before validation so length settings never move pairs."""
+def _eval_ids(n: int, fraction: float, seed: int, first_of: list[int] | None = None) -> set[int]:
+    """A seeded held-out set of ids, chosen before validation so length settings never move pairs.
+
+    With `first_of` (rows.duplicate_of), an exact duplicate goes wherever its first copy goes, so the
+    same pair never sits on both sides of the split."""
     if fraction <= 0 or n < 2:
         return set()
     k = min(max(round(n * fraction), 1), n - 1)
-    return {int(i) for i in np.random.default_rng(seed).permutation(n)[:k]}
+    held = {int(i) for i in np.random.default_rng(seed).permutation(n)[:k]}
+    return held if first_of is None else {i for i in range(n) if first_of[i] in held}
 
 
 def eval_source_args(cfg: DataConfig) -> tuple[str, str]:
@@ -83,8 +88,10 @@ def build_datasets(
     """
     source = load_source(cfg.data_path, cfg.train_split, seed, cfg.max_samples)
     report = DataReport(source=cfg.data_path, read=len(source.rows), dropped=Counter())
+    first_of = duplicate_of(source, cfg)
+    report.duplicates = len(first_of) - len(set(first_of))
     num_proc = resolve_num_proc(cfg.num_proc, len(source.rows))
-    held_out = set() if cfg.eval_data_path else _eval_ids(len(source.rows), cfg.eval_split, seed)
+    held_out = set() if cfg.eval_data_path else _eval_ids(len(source.rows), cfg.eval_split, seed, first_of)
     train, evaluation, report.format = tokenise_source(source, cfg, tokenizer, report, held_out, num_proc)
     if cfg.eval_data_path:
         eval_source = load_source(*eval_source_args(cfg), seed, None)

@@ -42,8 +42,9 @@ from orpo_dist.data import build_datasets, eval_source_args
 from orpo_dist.data.parallel import AUTO_MIN_PAIRS, resolve_num_proc
 from orpo_dist.data.report import DataError, DataReport
 from orpo_dist.data.sources import load_source
+from orpo_dist.distributed import agreed_start
 
-DATA_FORMAT_VERSION = 1  # bump when the same inputs would tokenise differently
+DATA_FORMAT_VERSION = 2  # bump when the same inputs would tokenise differently (2: identical pairs dropped, duplicates held out together)
 NOT_IN_KEY = ("num_proc", "cache_dir", "overwrite_cache")  # how it is built, not what
 STALE_TMP_SECONDS = 24 * 3600  # a `.tmp-*` build older than this was left by a crash: removed
 
@@ -250,11 +251,16 @@ def tokenised_datasets(cfg: Config, tokenizer, accelerator: Accelerator, say) ->
         else:
             print(f"[orpo_dist] rank {accelerator.process_index}: {msg}", flush=True)
 
-    with accelerator.main_process_first():
-        got = _get(entry, fp, cfg, tokenizer, build_id[0], accelerator.is_main_process, note)
-    with accelerator.local_main_process_first():
-        if got is None:  # this node does not see the main process's build: a node-local cache_dir
-            got = _get(entry, fp, cfg, tokenizer, build_id[0], True, note)
+    # a bad row stops every rank with its message (agreed_start), never leaves one waiting in a barrier
+    seen = agreed_start(
+        accelerator,
+        lambda: _get(entry, fp, cfg, tokenizer, build_id[0], accelerator.is_main_process, note),
+        "main",
+    )
+    # this node does not see the main process's build: a node-local cache_dir
+    got = agreed_start(
+        accelerator, lambda: seen or _get(entry, fp, cfg, tokenizer, build_id[0], True, note), "local"
+    )
     if not got.built:
         say(f"tokenised cache: hit {entry}")
     _trace(accelerator, got)

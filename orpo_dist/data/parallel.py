@@ -22,7 +22,7 @@ from datasets.utils import tqdm
 
 from orpo_dist.config import DataConfig
 from orpo_dist.data.report import DataError, DataReport
-from orpo_dist.data.rows import is_conversational_source, normalise_rows
+from orpo_dist.data.rows import column_map, is_conversational_source, normalise_rows
 from orpo_dist.data.sources import Source
 from orpo_dist.data.tokens import TOKEN_FEATURES, tokenize_pairs
 
@@ -52,6 +52,7 @@ class _Job:
     tokenizer: object
     conversational: bool
     held_out: Container[int]
+    columns: dict[str, str]
 
 
 _JOB: _Job | None = None  # set in the parent before the workers fork; they inherit it
@@ -59,7 +60,9 @@ _JOB: _Job | None = None  # set in the parent before the workers fork; they inhe
 
 def _run_chunk(span: range) -> tuple[datasets.Dataset, datasets.Dataset, Counter, int, str]:
     job, dropped = _JOB, Counter()
-    texts, fmt = normalise_rows(job.source, job.cfg, job.tokenizer, dropped, span, job.conversational)
+    texts, fmt = normalise_rows(
+        job.source, job.cfg, job.tokenizer, dropped, span, job.conversational, job.columns
+    )
     columns, truncated = tokenize_pairs(texts, job.tokenizer, job.cfg, dropped)
     is_eval = [i in job.held_out for i in columns["id"]]
     parts = [
@@ -79,7 +82,8 @@ def tokenise_source(
     global _JOB
     n = len(source.rows)
     spans = [range(a, min(a + CHUNK_PAIRS, n)) for a in range(0, n, CHUNK_PAIRS)] or [range(0)]
-    _JOB = _Job(source, cfg, tokenizer, is_conversational_source(source, cfg, tokenizer), held_out)
+    conversational = is_conversational_source(source, cfg, tokenizer)  # whole-source errors raise here
+    _JOB = _Job(source, cfg, tokenizer, conversational, held_out, column_map(cfg, source))
     bar = tqdm(total=n, desc="Tokenizing pairs", unit=" pairs", disable=n < AUTO_MIN_PAIRS)
     try:
         if num_proc > 1 and len(spans) > 1:

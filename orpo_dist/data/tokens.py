@@ -1,6 +1,7 @@
 """Tokenisation and truncation of normalised pairs, one chunk of pairs at a time (see `data.parallel`).
 
-Pairs whose completion has no tokens left are dropped and counted (they would be 0/0 in the loss). Each
+Pairs whose completion has no tokens left (0/0 in the loss) or whose chosen and rejected are identical
+after tokenisation (no preference signal) are dropped and counted. Each
 pair also gets its `length` (prompt + its longer completion), so length grouping reads one small column
 instead of every token id.
 """
@@ -12,7 +13,7 @@ from collections import Counter
 import datasets
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION
+from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, IDENTICAL_AFTER_TOKENISATION
 from orpo_dist.data.rows import COLUMNS
 
 TOKEN_FEATURES = datasets.Features(
@@ -59,10 +60,11 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [row + [eos_id] if eos_id is not None and row[-1:] != [eos_id] else row for row in ids]
 
-    out: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "truncated", "empty")}
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "truncated", "empty", "identical")
+    out: dict[str, list] = {k: [] for k in keys}
     for p, c, r in zip(prompts, completions(batch["chosen"]), completions(batch["rejected"])):
         p, c, r, cut = truncate_pair(p, c, r, cfg)
-        for key, value in zip(out, (p, c, r, cut, not c or not r)):
+        for key, value in zip(out, (p, c, r, cut, not c or not r, c == r)):
             out[key].append(value)
     return out
 
@@ -76,9 +78,9 @@ def tokenize_pairs(
         return columns, 0
     out = _tokenize_batch(texts, tokenizer, cfg)
     truncated = 0
-    for pair_id, p, c, r, cut, empty in zip(texts["id"], *out.values()):
-        if empty:
-            dropped[EMPTY_AFTER_TRUNCATION] += 1
+    for pair_id, p, c, r, cut, empty, identical in zip(texts["id"], *out.values()):
+        if empty or identical:  # 0/0 in the loss, or no preference signal left
+            dropped[EMPTY_AFTER_TRUNCATION if empty else IDENTICAL_AFTER_TOKENISATION] += 1
             continue
         truncated += cut
         for key, value in zip(columns, (pair_id, p, c, r, len(p) + max(len(c), len(r)))):
