@@ -17,8 +17,9 @@ Data: an UltraFeedback-like length mix: prompts 50-500 tokens (log-normal, media
 100-600 (median 250), chosen and rejected drawn independently, random token ids. `--length-scale`
 multiplies every length (CPU default 0.25, so a whole CPU run takes minutes on 2 cores; the mix keeps
 its shape). Tokens counted = prompt+chosen + prompt+rejected without padding, the same for every run.
-MFU (GPU) = 6 * N * tokens / time / peak, N = parameters in matmuls (non-embedding + lm_head), attention
-FLOPs not counted, peak = dense bf16 TFLOP/s of the GPU (H100 SXM / H200: 989, H100 PCIe: 756).
+MFU (GPU) = 6 * N * tokens / time / peak, N = weights in matmuls (every Linear: projections + lm_head),
+attention FLOPs not counted, peak = dense bf16 TFLOP/s of the GPU (H100 SXM / H200: 989, H100 PCIe: 756):
+the FLOPs model and peak table the trainer's `mfu` metric uses (orpo_dist/throughput.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ SHAPES = {
     "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936, True),
 }
 RUNS = ["trl", "padded", "packed", "shared_prefix"]
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
@@ -93,13 +93,6 @@ def build_model(shape: str, dtype, device: str, attn: str):
         model = Qwen2ForCausalLM(config).to(dtype)
     model.train()
     return model
-
-
-def matmul_params(model) -> int:
-    """Parameters that take part in matmuls: everything except the input embedding, plus lm_head."""
-    unique = sum(p.numel() for p in model.parameters())  # a tied weight counts once
-    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    return unique - embed.numel() + (head.numel() if head is embed else 0)
 
 
 # ---------------------------------------------------------------- one run (child process)
@@ -170,6 +163,8 @@ def peak_rss_bytes() -> int:
 def child(args) -> dict:
     import torch
 
+    from orpo_dist.throughput import flops_per_token
+
     warnings.filterwarnings("ignore")
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     run, device = args.run, args.device
@@ -204,7 +199,7 @@ def child(args) -> dict:
         "run": run, "shape": args.shape, "attn": attn, "first_loss": losses[0], "losses": losses,
         "seconds": sum(times), "cpu_seconds": sum(cpu_times), "tokens": tokens,
         "examples": args.steps * args.batch_size, "peak_rss": peak_rss_bytes(), "rss_before_steps": rss_before,
-        "matmul_params": matmul_params(model),
+        "flops_per_token": flops_per_token(model),  # 6 x matmul weights: a full fine-tune
     }  # fmt: skip
     if device == "cuda":
         out["peak_gpu_mem"] = torch.cuda.max_memory_allocated()
@@ -224,15 +219,6 @@ def run_child(args, shape: str, run: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def peak_tflops(gpu: str, override: float | None) -> float:
-    if override:
-        return override
-    for name, tflops in PEAK_BF16_TFLOPS.items():  # most specific first
-        if name in gpu:
-            return tflops
-    return float("nan")
-
-
 def summarise(args, shape: str, results: dict[str, list[dict]]) -> list[dict]:
     rows = []
     base = results["trl"] if "trl" in results else None
@@ -246,12 +232,10 @@ def summarise(args, shape: str, results: dict[str, list[dict]]) -> list[dict]:
         }  # fmt: skip
         if args.device == "cuda":
             row["peak_mem_gib"] = max(r["peak_gpu_mem"] for r in reps) / 2**30
-            row["mfu"] = (
-                6
-                * r0["matmul_params"]
-                * row["tokens_per_s"]
-                / (peak_tflops(r0["gpu"], args.peak_tflops) * 1e12)
-            )
+            from orpo_dist.throughput import peak_tflops_for
+
+            peak = peak_tflops_for(r0["gpu"], args.peak_tflops) or float("nan")
+            row["mfu"] = r0["flops_per_token"] * row["tokens_per_s"] / (peak * 1e12)
             row["gpu"] = r0["gpu"]
         else:
             row["peak_mem_gib"] = max(r["peak_rss"] for r in reps) / 2**30

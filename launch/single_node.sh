@@ -5,7 +5,7 @@
 # Env:
 #   ACCEL_CONFIG   accelerate config (default configs/accelerate/multi_gpu.yaml; e.g. .../zero3.yaml)
 #   NUM_PROCESSES  processes on this node (default: the GPUs nvidia-smi lists, else the config's value)
-#   CONFIG         trainer YAML passed as --config (default: none = the built-in quickstart)
+#   CONFIG         trainer YAML passed as --config (default: none; no flags at all = the built-in quickstart)
 #   ORPO_CPU=1     CPU only (tests; ranks talk over gloo): --mixed_precision no, and ACCELERATE_USE_CPU=true
 #                  unless the config is DeepSpeed (which finds the CPU itself); FSDP configs are refused
 #   PYTHON         interpreter with orpo_dist installed (default: python)

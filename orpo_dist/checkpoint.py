@@ -1,15 +1,22 @@
-"""Checkpoints: save, rotate and resume, so a run stopped at any step continues bit for bit.
+"""Checkpoints: save (atomically), rotate and resume, so a run stopped at any step continues bit for bit.
 
-`checkpoint-<step>/` holds `state/` (accelerate's `save_state`: model or adapter, optimizer,
-scheduler, RNG, and our `Progress`), `model/` (weights or adapter in safetensors, tokenizer, the run's
-config) and `COMPLETE`, written by rank 0 after every rank has finished writing: a checkpoint without
-it is never resumed or counted. Weights are gathered across ranks by accelerate (a collective under
-ZeRO-3 / FSDP, so every rank calls `save_model`) and written by rank 0 alone.
+`checkpoint-<step>/` holds `state/` (accelerate's `save_state`: model or adapter, optimizer, RNG),
+`orpo_state.json` (our `Progress` -- the data position --, the scheduler, the run's `Fingerprint`;
+JSON, so resuming never unpickles our own state), `model/` (weights or adapter in safetensors,
+tokenizer, the run's config) and `COMPLETE`. A save is written to a hidden sibling,
+`.checkpoint-<step>.partial/`, and renamed into place by rank 0 after every rank has finished, with
+`COMPLETE` already inside: a crash at any moment leaves either the old checkpoint or the new one
+complete, never a half-new one marked complete. Weights are gathered across ranks by accelerate (a
+collective under ZeRO-3 / FSDP, so every rank calls `save_model`) and written by rank 0 alone.
+
+Resuming checks every file of `state/` before loading it (`safe_load.audit_checkpoint`): nothing in a
+checkpoint is ever executed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +24,23 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from orpo_dist.config import Config
+from orpo_dist.config import Config, ConfigError
 from orpo_dist.distributed import rank0_print
+from orpo_dist.resume import (
+    COMPLETE_MARKER,
+    STATE_FILE,
+    Fingerprint,
+    ResumePoint,
+    complete_checkpoints,
+    state_json,
+)
+from orpo_dist.safe_load import audit_checkpoint, weights_only_deepspeed
 
-COMPLETE_MARKER = "COMPLETE"
+__all__ = ["COMPLETE_MARKER", "Checkpointer", "CheckpointError", "Progress", "complete_checkpoints"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions): the previous ones are intact."""
 
 
 @dataclass
@@ -35,7 +55,7 @@ class Progress:
         return dict(self.__dict__)
 
     def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({k: int(state[k]) for k in ("epoch", "step_in_epoch", "global_step")})
 
     def advance(self, steps_per_epoch: int) -> None:
         """One optimizer step done; the epoch wraps after its last step."""
@@ -45,33 +65,52 @@ class Progress:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Checkpoints whose save finished on every rank, oldest first."""
-    found = [p for p in out.glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 class Checkpointer:
-    """Saves and restores everything a run needs to continue: registered with accelerate at start."""
+    """Saves and restores everything a run needs to continue."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, tokenizer, scheduler):
+    def __init__(self, accelerator: Accelerator, cfg: Config, tokenizer, scheduler, fingerprint: Fingerprint):
         self.accelerator, self.cfg, self.tokenizer = accelerator, cfg, tokenizer
+        self.scheduler, self.fingerprint = scheduler, fingerprint
         self.out = Path(cfg.train.output_dir)
         self.progress = Progress()
-        accelerator.register_for_checkpointing(scheduler, self.progress)
+        self.last_eval_step: int | None = None
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         if cfg.peft.use_peft and not self.deepspeed:
             accelerator.register_save_state_pre_hook(_keep_trainable_only)
 
     def save(self, model) -> Path:
-        accelerator = self.accelerator
-        path = self.out / f"checkpoint-{self.progress.global_step}"
-        accelerator.save_state(str(path / "state"))
-        self.save_model(model, path / "model")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (path / COMPLETE_MARKER).write_text(json.dumps(self.progress.state_dict()))
-            self._rotate()
+        """Write checkpoint-<step>/ atomically (see the module docstring); rotate old ones."""
+        accelerator, step = self.accelerator, self.progress.global_step
+        path, partial = self.out / f"checkpoint-{step}", self.out / f".checkpoint-{step}.partial"
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)  # what a crash during an earlier save left
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(partial / "state"))
+            self.save_model(model, partial / "model")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = state_json(
+                    self.progress.state_dict(),
+                    self.scheduler.state_dict(),
+                    self.fingerprint,
+                    self.last_eval_step,
+                )
+                (partial / STATE_FILE).write_text(state)
+                (partial / COMPLETE_MARKER).write_text(json.dumps(self.progress.state_dict()))
+                if path.exists():  # re-saving a step: it stops being complete before anything is replaced
+                    (path / COMPLETE_MARKER).unlink(missing_ok=True)
+                    shutil.rmtree(path)
+                os.replace(partial, path)
+                self._rotate(keep=path)
+        except OSError as e:
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            done = complete_checkpoints(self.out)
+            raise CheckpointError(
+                f"could not write checkpoint-{step} in {self.out}: {e.strerror or e} ({type(e).__name__}); "
+                f"the last complete checkpoint is {done[-1] if done else 'none'}: free space, then --resume auto"
+            ) from e
         accelerator.wait_for_everyone()
         rank0_print(accelerator, f"saved checkpoint {path}")
         return path
@@ -87,38 +126,49 @@ class Checkpointer:
             self.tokenizer.save_pretrained(path)
             self.cfg.save(path / "orpo_config.yaml")
 
-    def _rotate(self) -> None:
+    def _rotate(self, keep: Path) -> None:
         limit = self.cfg.train.save_total_limit
-        done = complete_checkpoints(self.out)
-        for old in done[:-limit] if limit else []:
+        if limit is None:
+            return
+        done = [p for p in complete_checkpoints(self.out) if p != keep]
+        for old in done[: max(len(done) - (limit - 1), 0)]:
+            (old / COMPLETE_MARKER).unlink(missing_ok=True)  # incomplete first: a crash mid-delete is ignored
             shutil.rmtree(old, ignore_errors=True)
 
-    def resume(self) -> None:
-        """Load the checkpoint `resume` names (auto / latest / a path), if any, into every registered object."""
-        resume = self.cfg.train.resume
-        if not resume:
-            return
-        if resume in ("auto", "latest"):
-            found = complete_checkpoints(self.out)
-            if not found:
-                if resume == "latest":
-                    raise FileNotFoundError(f"resume: latest but no complete checkpoint in {self.out}")
-                rank0_print(self.accelerator, "resume: auto found no checkpoint; starting fresh")
-                return
-            path = found[-1]
-        else:
-            path = Path(resume)
-            if not (path / COMPLETE_MARKER).exists():
-                raise FileNotFoundError(
-                    f"resume: {path} is not a complete checkpoint (no {COMPLETE_MARKER} file)"
-                )
+    def load(self, point: ResumePoint) -> None:
+        """Load a checkpoint (checked by resume.py, audited here) into the model, optimizer, scheduler, RNG."""
+        accelerator = self.accelerator
+        audit_checkpoint(point.path / "state")
+        if self.deepspeed:
+            weights_only_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
         kwargs = {} if self.deepspeed else {"strict": not self.cfg.peft.use_peft}
-        self.accelerator.load_state(str(path / "state"), **kwargs)
+        accelerator.load_state(str(point.path / "state"), **kwargs)
+        self.scheduler.load_state_dict(
+            _checked_scheduler_state(self.scheduler.state_dict(), point.state["scheduler"])
+        )
+        self.progress.load_state_dict(point.state["progress"])
+        self.last_eval_step = point.state.get("last_eval_step")
+        # accelerate counts micro-batches to find the accumulation boundary: restart it at a step boundary
+        # (the saved count belongs to the saved accumulation, which may differ under DDP)
+        accelerator.step = 0
         p = self.progress
         rank0_print(
-            self.accelerator,
-            f"resumed from {path} at step {p.global_step} (epoch {p.epoch}, step {p.step_in_epoch} of it)",
+            accelerator,
+            f"resumed from {point.path} at step {p.global_step} (epoch {p.epoch}, step {p.step_in_epoch} of it)",
         )
+
+
+def _checked_scheduler_state(fresh: dict, saved: dict) -> dict:
+    """The saved scheduler state, if it has exactly the keys and value types of this run's scheduler."""
+    same = set(fresh) == set(saved) and all(
+        type(saved[k]) is type(fresh[k]) or (isinstance(fresh[k], float) and isinstance(saved[k], int))
+        for k in fresh
+    )
+    if not same:
+        raise ConfigError(
+            f"resume: the checkpoint's scheduler state is damaged or from another scheduler ({sorted(saved)})"
+        )
+    return saved
 
 
 def _keep_trainable_only(models, weights, output_dir) -> None:

@@ -2,19 +2,23 @@
 
     python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
 
-With no --config the built-in quickstart preset runs (tiny local model, built-in task, CPU is fine).
-Exit codes: 0 done; 2 bad config or data (one-line reason, before any model is loaded);
-3 preempted with a checkpoint saved (run again with --resume auto).
+With no arguments at all (or `--config quickstart`) the built-in quickstart preset runs (tiny local
+model, built-in task, CPU is fine); any other run starts from the documented defaults.
+Exit codes: 0 done; 1 stopped by a failure during training (a non-finite loss, a hung or lost rank,
+a full disk, a failed export: one-line reason, the last checkpoint kept); 2 bad config or data (one-line
+reason, before any model is loaded); 3 preempted with a checkpoint saved (run again with --resume auto).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 from importlib.resources import files
 
-from orpo_dist.config import LEAVES, Config, ConfigError, load_config
+from orpo_dist.config import Config, ConfigError, load_config
 
 USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
        accelerate launch [--config_file configs/accelerate/X.yaml] -m orpo_dist.train ...
@@ -22,8 +26,23 @@ USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ..
 Keys may be written --key value, --key=value, with dashes or underscores; boolean keys work bare
 (--peft). AutoTrain / TRL / Axolotl / Unsloth names are accepted (--project-name, --dpo-beta,
 --learning_rate, --load_in_4bit, ...). See README.md for the table.
-Without --config: the built-in quickstart preset.
+With no arguments at all, or --config quickstart: the built-in quickstart preset. Otherwise the
+documented defaults, then the --config file, then the flags.
+--version prints the versions of orpo_dist and the libraries it trains with.
 """
+QUICKSTART = "quickstart"  # `--config quickstart`: the preset by name
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+VERSIONED = (
+    "torch",
+    "transformers",
+    "trl",
+    "accelerate",
+    "peft",
+    "deepspeed",
+    "bitsandbytes",
+    "datasets",
+    "wandb",
+)
 
 
 def quickstart_preset() -> str:
@@ -31,61 +50,137 @@ def quickstart_preset() -> str:
 
 
 def _help() -> str:
-    keys = "\n".join(f"  --{name:<26} [{section}]" for name, (section, _) in LEAVES.items())
-    return USAGE + "\nkeys:\n" + keys
+    from orpo_dist.config.keys import help_text
+
+    return USAGE + "\nkeys, by section (a section's keys may also be written under it in YAML):" + help_text()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import orpo_dist
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{name} {installed(name)}" for name in VERSIONED)
+    return f"orpo_dist {orpo_dist.__version__} (python {sys.version.split()[0]}; {libs})"
 
 
 def parse(argv: list[str]) -> tuple[Config, bool]:
-    """(config, whether it is the quickstart preset) from the command line."""
+    """(config, whether it is the quickstart preset) from the command line.
+
+    The preset applies only with no arguments at all, or with `--config quickstart`; every other run
+    starts from the documented defaults (a `--model` / `--data-path` run never inherits the preset's
+    lr, beta or max_length).
+    """
     config_path = None
     rest: list[str] = []
     i = 0
     while i < len(argv):
         if argv[i] == "--config":
             if i + 1 >= len(argv):
-                raise ConfigError("--config needs a path to a YAML file")
+                raise ConfigError("--config needs a path to a YAML file (or `quickstart`)")
             config_path, i = argv[i + 1], i + 2
         elif argv[i].startswith("--config="):
             config_path, i = argv[i].split("=", 1)[1], i + 1
         else:
             rest.append(argv[i])
             i += 1
-    if config_path is not None and not os.path.exists(config_path):
-        raise ConfigError(f"--config {config_path}: no such file")
-    return load_config(config_path or quickstart_preset(), rest), config_path is None
+    preset = not argv or config_path == QUICKSTART
+    return load_config(quickstart_preset() if preset else config_path, rest), preset
+
+
+def one_line(message: str) -> str:
+    """A message for one stderr line: `invalid config:\n  - a\n  - b` -> `invalid config: a; b`."""
+    lines = [line.strip().removeprefix("- ") for line in str(message).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return "; ".join(lines)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"orpo_dist: {one_line(message)}", file=sys.stderr, flush=True)
+    return code
+
+
+def _catch_stop_signals() -> tuple[Callable[[], bool], dict]:
+    """Record SIGUSR1 / SIGTERM from the very start, so one that arrives while torch is still importing
+    or the model loading stops the run at its first step boundary with exit 3 (not signal death)."""
+    got: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in STOP_SIGNALS}
+    return (lambda: bool(got)), previous
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another rank hung (ddp_timeout passed) or died."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError)
+        and any(
+            k in text for k in ("gloo", "nccl", "connection closed by peer", "timed out", "connection reset")
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    signalled, previous = _catch_stop_signals()
+    try:
+        return _main(sys.argv[1:] if argv is None else argv, signalled)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str], signalled: Callable[[], bool]) -> int:
     if "-h" in argv or "--help" in argv:
         print(_help())
         return 0
+    if "--version" in argv:
+        print(_version())
+        return 0
     logging.basicConfig(level=logging.INFO, format="[orpo_dist] %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "accelerate"):
+    for noisy in ("httpx", "urllib3", "datasets", "accelerate", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernel notice, not actionable
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         cfg, preset = parse(argv)
     except ConfigError as e:
-        print(f"orpo_dist: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
+    if not sys.stderr.isatty():  # progress bars in a log are noise, and would bury a one-line error
+        import datasets
+
+        datasets.disable_progress_bars()
+    from orpo_dist.checkpoint import CheckpointError
     from orpo_dist.data import DataError
+    from orpo_dist.export import ExportError
+    from orpo_dist.health import NonFiniteError
     from orpo_dist.trainer import exit_code, run
 
     if preset and os.environ.get("RANK", "0") == "0":
-        print(
-            f"[orpo_dist] no --config given: running the built-in quickstart ({quickstart_preset()})",
-            flush=True,
-        )
+        print(f"[orpo_dist] running the built-in quickstart ({quickstart_preset()})", flush=True)
     try:
-        return exit_code(run(cfg))
+        return exit_code(run(cfg, signalled))
+    except ConfigError as e:
+        return _fail(str(e), 2)
     except DataError as e:
-        print(f"orpo_dist: data error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:  # what only the launch and the model can tell (sequence parallelism)
-        print(f"orpo_dist: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"data error: {e}", 2)
+    except (NonFiniteError, CheckpointError, ExportError) as e:
+        return _fail(str(e), 1)
+    except Exception as e:
+        if not _lost_peer(e):
+            raise
+        return _fail(
+            f"a rank stopped answering (hung or lost; collectives wait ddp_timeout={cfg.train.ddp_timeout}s): "
+            f"{type(e).__name__}: {one_line(str(e))[:300]}. Resume with --resume auto from the last checkpoint",
+            1,
+        )
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from orpo_dist import sequence_parallel
-from orpo_dist.config import Config
+from orpo_dist.config import Config, ConfigError, SetupError
 
 log = logging.getLogger("orpo_dist")
 
@@ -36,8 +37,12 @@ log = logging.getLogger("orpo_dist")
 def make_accelerator(cfg: Config) -> Accelerator:
     kwargs = []
     launched = "LOCAL_RANK" in os.environ  # set by accelerate launch / torchrun / deepspeed, not by python
-    if launched and not torch.cuda.is_available():
-        kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+    if launched:
+        # ddp_timeout bounds how long a collective waits for a hung or lost rank (gloo, NCCL, DeepSpeed's init)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        kwargs.append(
+            InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.train.ddp_timeout))
+        )
     if not launched:
         # accelerate keeps its state per process; a second run from the Python API (say with another
         # mixed_precision) would be refused. A single process owns no process group, so start clean.
@@ -85,12 +90,12 @@ def check_world_size(accelerator: Accelerator) -> None:
         "without ACCELERATE_USE_CPU; `accelerate launch --cpu` and MULTI_CPU configs do not connect ranks."
     )
     if asked != got:
-        raise RuntimeError(
+        raise SetupError(
             f"the launcher started WORLD_SIZE={asked} processes but the process group has {got}: the ranks are "
             f"not connected. {cpu_hint}"
         )
     if got > 1 and kind == DistributedType.NO:
-        raise RuntimeError(
+        raise SetupError(
             f"{got} processes but accelerate runs each as a single-process job (distributed_type NO): gradients "
             f"would never be synchronised. {cpu_hint}"
         )
@@ -100,7 +105,7 @@ def check_world_size(accelerator: Accelerator) -> None:
     )
     for env, wanted in asked_kinds:
         if os.environ.get(env, "false").lower() == "true" and kind != wanted:
-            raise RuntimeError(
+            raise SetupError(
                 f"the launch config asks for {wanted.value} ({env}=true) but accelerate is running {kind.value}. "
                 "ACCELERATE_USE_CPU=true turns DeepSpeed and FSDP off: launch DeepSpeed on CPU without it (the "
                 "trainer uses gloo); FSDP through accelerate does not run on CPU."
@@ -156,14 +161,48 @@ def all_sum(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(values.to(accelerator.device), reduction="sum")
 
 
+def agreed_start(accelerator: Accelerator, fn: Callable, first: str | None = None):
+    """Run a start-up stage on every rank; if it fails on any rank, every rank raises, so no rank is left
+    waiting in a collective for one that stopped (one all-reduce). `first`: "main" runs it on rank 0
+    before the others, "local" on each node's local rank 0 before that node's others."""
+    goes_first = {
+        None: True,
+        "main": accelerator.is_main_process,
+        "local": accelerator.is_local_main_process,
+    }[first]
+    if not goes_first:
+        accelerator.wait_for_everyone()
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:  # re-raised below, on this rank; the others learn of it from the flag
+        error = e
+    if first and goes_first:
+        accelerator.wait_for_everyone()
+    failed = all_sum(accelerator, torch.tensor([float(error is not None)])).item() > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise ConfigError("stopped: another rank reported a problem during start-up (see its message above)")
+    return result
+
+
 class Preemption:
-    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop and save at the next step boundary."""
+    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop and save at the next step boundary.
+
+    Installed before anything slow starts (`already` reports a signal the command line caught even
+    earlier), so a signal during start-up stops the run at its first step boundary, exit 3.
+    """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, already: Callable[[], bool] | None = None):
+        self.already = already
 
     def __enter__(self):
         self.requested = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self.requested = self.requested or bool(self.already and self.already())
         return self
 
     def __exit__(self, *exc):
@@ -176,7 +215,15 @@ class Preemption:
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every rank once any rank got a signal (a collective: call it on every rank, every step)."""
-        return all_sum(accelerator, torch.tensor([float(self.requested)])).item() > 0
+        return self.check(accelerator)[0]
+
+    def check(self, accelerator: Accelerator, flags: torch.Tensor | None = None) -> tuple[bool, ...]:
+        """(stop requested on any rank, *each flag set on any rank): the step's one collective, which also
+        carries the numerical-health flags (health.non_finite) so every rank stops after the same step."""
+        values = torch.tensor([float(self.requested)], device=accelerator.device)
+        if flags is not None:
+            values = torch.cat([values, flags.to(accelerator.device, torch.float32)])
+        return tuple(v > 0 for v in all_sum(accelerator, values).tolist())
 
 
 class PairShards:

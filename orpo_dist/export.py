@@ -2,8 +2,11 @@
 
 Single-process by design: the trainer calls this on rank 0 after the last barrier.
 
-    python -m orpo_dist.export --checkpoint outputs/orpo/final --format merged_16bit gguf --out outputs/export
+    python -m orpo_dist.export --checkpoint outputs/orpo/final --format merged_16bit gguf --out outputs/model
 
+writes the merged model AT `--out` (`from_pretrained("outputs/model")`, as Unsloth's
+`save_pretrained_merged`) and the GGUF beside it (`outputs/model/model-q4_k_m.gguf`). At the end of
+training the trainer writes `<output_dir>/export/merged/` and `<output_dir>/export/model-<quant>.gguf`.
 GGUF (gguf.py) is derived from the merged model and needs the optional toolchain
 (`bash scripts/install_gguf.sh`).
 """
@@ -54,20 +57,6 @@ def _resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, str]:
     )
 
 
-def _trust_remote_code(ckpt: Path) -> bool:
-    """Only the run's own config may turn on remote code; absent or unreadable means no."""
-    cfg = ckpt / "orpo_config.yaml"
-    if not cfg.is_file():
-        return False
-    import yaml
-
-    try:
-        data = yaml.safe_load(cfg.read_text()) or {}
-    except yaml.YAMLError:
-        return False
-    return bool((data.get("model") or {}).get("trust_remote_code", False))
-
-
 def _base_model_path(ckpt: Path, base_model: str | None) -> str:
     base = base_model or json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
@@ -107,12 +96,17 @@ def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
 
 
 def merge_to_16bit(
-    checkpoint: str | Path, out_dir: str | Path, dtype: str = "bfloat16", base_model: str | None = None
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write a standalone model (safetensors + tokenizer) that loads without peft or bitsandbytes.
 
     An adapter is merged into its base reloaded in `dtype` -- never into 4-bit weights, even after a
     QLoRA run: merging into nf4 would re-quantise the LoRA delta away. `float32` is for tests.
+    `trust_remote_code` comes from the caller only (the command line), never from the checkpoint's files.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {list(DTYPES)}")
@@ -120,7 +114,7 @@ def merge_to_16bit(
     out = Path(out_dir)
     if out.resolve() == ckpt.resolve():
         raise ValueError(f"out_dir {str(out)!r} is the checkpoint itself; choose another directory")
-    trust = _trust_remote_code(ckpt)
+    trust = trust_remote_code
     if kind == "adapter":
         from peft import PeftModel
 
@@ -152,6 +146,10 @@ def merge_to_16bit(
 # entry points
 
 
+class ExportError(RuntimeError):
+    """An export step failed after training; what was written before it (final/, the merged model) is kept."""
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -159,22 +157,45 @@ def export(
     gguf_quant: str = "q4_k_m",
     dtype: str = "bfloat16",
     base_model: str | None = None,
+    merged_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Path]:
-    """Merge once and derive every requested format from it: {"merged_16bit": dir, "gguf": file}."""
+    """Merge once and derive every requested format from it: {"merged_16bit": dir, "gguf": file}.
+
+    The merged model is written to `merged_dir` (default: `out_dir` itself), the GGUF to
+    `out_dir/model-<quant>.gguf`; with gguf alone the merged model is a temporary directory. A failing
+    GGUF step never loses the merged model: it is kept (as `out_dir/merged` when it was temporary) and
+    ExportError says where."""
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"formats={formats!r}; choose one or more of {list(FORMATS)}")
     if "gguf" in formats:
         find_converter()  # fail before the (long) merge if the toolchain is missing
     out = Path(out_dir)
-    merged = merge_to_16bit(checkpoint, out / "merged", dtype=dtype, base_model=base_model)
-    result: dict[str, Path] = {}
-    if "merged_16bit" in formats:
-        result["merged_16bit"] = merged
+    keep = "merged_16bit" in formats
+    if not keep:
+        out.mkdir(parents=True, exist_ok=True)
+        merged_dir = tempfile.mkdtemp(prefix=".merged-", dir=out)
+    try:
+        merged = merge_to_16bit(checkpoint, merged_dir or out, dtype, base_model, trust_remote_code)
+    except BaseException:
+        if not keep:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+        raise
+    result: dict[str, Path] = {"merged_16bit": merged} if keep else {}
     if "gguf" in formats:
-        result["gguf"] = to_gguf(merged, out / f"model-{gguf_quant}.gguf", gguf_quant)
-        if "merged_16bit" not in formats:
-            shutil.rmtree(merged)
+        try:
+            result["gguf"] = to_gguf(merged, out / f"model-{gguf_quant}.gguf", gguf_quant)
+        except Exception as e:
+            if not keep:  # the temporary merge outlives the failed step under a plain name
+                shutil.rmtree(out / "merged", ignore_errors=True)
+                merged = Path(merged).rename(out / "merged")
+            raise ExportError(
+                f"GGUF export failed ({type(e).__name__}: {e}); the merged 16-bit model is kept in {merged} "
+                f"(retry: python -m orpo_dist.export --checkpoint {merged} --format gguf --out {out})"
+            ) from e
+    if not keep:
+        shutil.rmtree(merged_dir, ignore_errors=True)
     return result
 
 
@@ -187,16 +208,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--format", nargs="+", required=True, metavar="FORMAT", help=" and/or ".join(FORMATS))
     parser.add_argument("--quant", default="q4_k_m", choices=GGUF_QUANTS, help="GGUF quantisation")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="directory the model is written to (from_pretrained(OUT)); GGUF beside it",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--base-model", default=None, help="override the adapter's base_model_name_or_path")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run code shipped with the (base) model; off unless given here (a checkpoint's files never turn it on)",
+    )
     args = parser.parse_args(argv)
     formats = [f for item in args.format for f in item.split(",") if f]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         parser.error(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     try:
-        result = export(args.checkpoint, args.out, formats, args.quant, args.dtype, args.base_model)
+        result = export(
+            args.checkpoint,
+            args.out,
+            formats,
+            args.quant,
+            args.dtype,
+            args.base_model,
+            args.trust_remote_code,
+        )
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1

@@ -1,30 +1,42 @@
 """This rank's batches: PairShards' schedule -> tokenised rows -> the layout's collator -> the device.
 
 The order is a pure function of (seed, epoch, step), so a resumed run continues with exactly the pairs
-the uninterrupted run would have trained on next.
+the uninterrupted run would have trained on next. A `torch.utils.data.DataLoader` runs that schedule:
+its batch sampler yields this rank's micro-batches ([(pair index, weight), ...]) in order, and with
+`dataloader_num_workers` > 0 worker processes read and collate the next micro-batches while the current
+step runs (in order; pinned memory and a non-blocking copy on CUDA). The time the loop still waits for
+a batch is counted (`data_wait_seconds`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, Sampler
 
 from orpo_dist.config import TrainConfig
 from orpo_dist.distributed import PairShards, data_parallel
 
 
-class PairLoader:
-    def __init__(self, dataset, collate, shards: PairShards, device: torch.device):
-        self.dataset, self.collate, self.shards, self.device = dataset, collate, shards, device
+class PairRows:
+    """The dataset as the DataLoader reads it: one micro-batch [(pair index, weight), ...] at a time."""
 
-    def collate_pairs(self, pairs: list[tuple[int, float]]) -> dict[str, torch.Tensor]:
-        """One micro-batch from [(pair index, weight), ...], on the device."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, pairs: list[tuple[int, float]]) -> list[dict]:
         rows = self.dataset[[i for i, _ in pairs]]
-        examples = [
+        return [
             dict(
                 id=rows["id"][j],
                 prompt_ids=rows["prompt_ids"][j],
@@ -34,11 +46,52 @@ class PairLoader:
             )
             for j, (_, w) in enumerate(pairs)
         ]
-        return {k: v.to(self.device) for k, v in self.collate(examples).items()}
+
+
+class MicroBatchSampler(Sampler):
+    """This rank's micro-batches from (epoch, step) on, epoch after epoch (or one epoch: `once`)."""
+
+    def __init__(self, shards: PairShards, epoch: int, start_step: int = 0, once: bool = False):
+        self.shards, self.epoch, self.start_step, self.once = shards, epoch, start_step, once
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        epoch, step = self.epoch, self.start_step
+        while True:
+            for _, pairs in self.shards.micro_batches(epoch, step):
+                yield pairs
+            if self.once:
+                return
+            epoch, step = epoch + 1, 0
+
+
+def _worker_init(_: int) -> None:
+    """A preemption signal (SLURM's SIGUSR1, scancel's SIGTERM to every process) is the main process's to
+    handle: it finishes the step and checkpoints. A worker killed by it would abort the step instead."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class PairLoader:
+    def __init__(self, dataset, collate, shards: PairShards, device: torch.device, num_workers: int = 0):
+        self.dataset, self.collate, self.shards, self.device = dataset, collate, shards, device
+        self.num_workers = num_workers
+        self.wait_seconds = 0.0  # waiting for the next step's batches, since the last take_wait_seconds
+
+    def _batches(self, sampler: MicroBatchSampler) -> Iterator[dict[str, torch.Tensor]]:
+        loader = DataLoader(
+            PairRows(self.dataset),
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init if self.num_workers else None,
+        )
+        for batch in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        for _, pairs in self.shards.micro_batches(epoch, start_step):
-            yield self.collate_pairs(pairs)
+        """One epoch's micro-batches from `start_step` (the eval pass)."""
+        return self._batches(MicroBatchSampler(self.shards, epoch, start_step, once=True))
 
     def steps(
         self, epoch: int, step_in_epoch: int, global_step: int = 0
@@ -49,14 +102,19 @@ class PairLoader:
             raise ValueError(
                 f"step_in_epoch={step_in_epoch} is outside the {steps_per_epoch} steps of an epoch"
             )
+        micro = self._batches(MicroBatchSampler(self.shards, epoch, step_in_epoch))
         while True:
-            micro = self.micro_batches(epoch, step_in_epoch)
-            for _ in range(step_in_epoch, steps_per_epoch):
-                batches = [next(micro) for _ in range(accumulation)]
-                global_step += 1
-                trace_pairs(batches, self.shards.rank, self.shards.world, global_step)
-                yield batches
-            epoch, step_in_epoch = epoch + 1, 0
+            start = time.perf_counter()
+            batches = [next(micro) for _ in range(accumulation)]
+            self.wait_seconds += time.perf_counter() - start
+            global_step += 1
+            trace_pairs(batches, self.shards.rank, self.shards.world, global_step)
+            yield batches
+
+    def take_wait_seconds(self) -> float:
+        """Seconds spent waiting for batches since the last call."""
+        seconds, self.wait_seconds = self.wait_seconds, 0.0
+        return seconds
 
 
 def trace_pairs(batches: list[dict], rank: int, world_size: int, step: int) -> None:
@@ -69,10 +127,16 @@ def trace_pairs(batches: list[dict], rank: int, world_size: int, step: int) -> N
             f.write(json.dumps(row) + "\n")
 
 
-def pair_lengths(dataset) -> list[int]:
-    """Tokens of each pair's longer sequence (prompt + the longer completion), for length grouping."""
-    columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
-    return [len(p) + max(len(c), len(r)) for p, c, r in columns]
+def pair_lengths(dataset) -> np.ndarray:
+    """Tokens of each pair's longer sequence (prompt + the longer completion): the `length` column only."""
+    return dataset.select_columns(["length"]).with_format("numpy")[:]["length"]
+
+
+def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
+    """`auto`: 2 on CUDA; 0 on CPU, where workers take cores from the step itself."""
+    if num_workers != "auto":
+        return int(num_workers)
+    return 2 if device.type == "cuda" else 0
 
 
 def make_loaders(
@@ -87,8 +151,11 @@ def make_loaders(
         *ranks,
         group_by_length=t.group_by_length,
     )
-    train = PairLoader(train_ds, collate, shards, accelerator.device)
+    workers = resolve_num_workers(t.dataloader_num_workers, accelerator.device)
+    train = PairLoader(train_ds, collate, shards, accelerator.device, workers)
     if eval_ds is None:
         return train, None
-    eval_shards = PairShards([0] * len(eval_ds), t.eval_batch_size or t.batch_size, 1, *ranks, shuffle=False)
-    return train, PairLoader(eval_ds, collate, eval_shards, accelerator.device)
+    eval_shards = PairShards(
+        np.zeros(len(eval_ds), np.int32), t.eval_batch_size or t.batch_size, 1, *ranks, shuffle=False
+    )
+    return train, PairLoader(eval_ds, collate, eval_shards, accelerator.device, workers)

@@ -1,14 +1,19 @@
 """Metrics: sums over a logging window, reduced over ranks when logged, written by rank 0.
 
 Metrics are averaged over all ranks (sums all-reduced, then divided), never rank 0's shard. Each
-logged row goes to `<output_dir>/metrics.jsonl` (always) and to the tracker (`log: wandb|tensorboard`).
-The per-pair metric names are loss.PAIR_METRICS; `nll_loss` and `loss` are derived from the sums.
+logged row goes to `<output_dir>/metrics.jsonl` (always) and to the tracker (`log: wandb|tensorboard`,
+trackers.py, under TRL's `train/...` / `eval/...` names). The per-pair metric names are
+loss.PAIR_METRICS; `nll_loss` and `loss` are derived from the sums. Training rows also carry
+`train_runtime` (seconds since this process started training) and `peak_memory_gb` (rank 0: CUDA
+peak allocated, else the process's peak RSS), which the report (report.py) reads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +22,8 @@ from accelerate import Accelerator
 from orpo_dist.config import Config
 from orpo_dist.distributed import all_sum
 from orpo_dist.loss import PAIR_METRICS, OrpoParts
+from orpo_dist.throughput import FlopsModel
+from orpo_dist.trackers import Tracker
 
 
 def step_sums(parts: OrpoParts, batch: dict, beta: float) -> dict[str, torch.Tensor]:
@@ -54,26 +61,68 @@ class MetricWindow:
         out[f"{prefix}nll_loss"] = s["nll_sum"] / max(s["nll_tokens"], 1.0)
         out[f"{prefix}loss"] = out[f"{prefix}nll_loss"] + beta * s["or_sum"] / pairs
         out[f"{prefix}num_tokens"] = s["num_tokens"]
+        if "data_wait_seconds" in s:  # per rank: the mean over ranks
+            out["data_wait_seconds"] = s["data_wait_seconds"] / accelerator.num_processes
         return out
+
+    def preview(self, beta: float) -> dict[str, str]:
+        """This rank's running loss and preference accuracy over the window so far (the progress bar)."""
+        s = {k: float(v) for k, v in self.sums.items() if k in ("nll_sum", "nll_tokens", "or_sum", "pairs")}
+        pairs = max(s["pairs"], 1.0)
+        loss = s["nll_sum"] / max(s["nll_tokens"], 1.0) + beta * s["or_sum"] / pairs
+        return {"loss": f"{loss:.4f}", "accuracy": f"{float(self.sums['rewards/accuracies']) / pairs:.2f}"}
 
 
 class MetricsLog:
     """Rank 0 appends each row to metrics.jsonl (rounded to 6 decimals) and sends it to the tracker."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config):
-        self.accelerator, self.cfg = accelerator, cfg
+    def __init__(self, accelerator: Accelerator, cfg: Config, flops: FlopsModel | None = None):
+        self.accelerator, self.cfg, self.flops = accelerator, cfg, flops
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
-        if accelerator.is_main_process and cfg.train.log != "none":
-            _init_tracker(accelerator, cfg)
+        self.started = time.perf_counter()
+        self.tracker = (
+            Tracker(accelerator, cfg) if accelerator.is_main_process and cfg.train.log != "none" else None
+        )
 
-    def log_train(self, window: MetricWindow, beta: float, seconds: float, **fields) -> dict:
-        """Reduce a training window into a row (with tokens/s over `seconds` and the given fields), write it."""
+    def start(self, resumed_step: int | None) -> None:
+        """metrics.jsonl holds each step once. A resume keeps only the rows up to its checkpoint's step (the
+        rest is retrained and logged again; a line torn by a kill is dropped); a fresh start moves an
+        earlier run's file aside to metrics.previous.jsonl."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        if resumed_step is None:
+            aside = self.path.with_name("metrics.previous.jsonl")
+            os.replace(self.path, aside)
+            print(f"[orpo_dist] an earlier run's {self.path.name} moved to {aside}", flush=True)
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resumed_step:
+                kept.append(line + "\n")
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(kept))
+        os.replace(partial, self.path)
+
+    def log_train(
+        self, window: MetricWindow, beta: float, seconds: float, data_wait: float, **fields
+    ) -> dict:
+        """Reduce a training window into a row (tokens/s and mfu over `seconds`, the seconds this rank
+        waited for data, and the given fields), write it."""
+        window.add({"data_wait_seconds": torch.tensor(data_wait)})
         row = window.reduce(self.accelerator, beta)
         row["tokens_per_second"] = row.pop("num_tokens") / max(seconds, 1e-9)
+        if self.flops is not None:  # GPU only
+            row["mfu"] = self.flops.mfu(row["tokens_per_second"], self.accelerator.num_processes)
         row.update(
             {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in fields.items() if v is not None}
         )
+        row["train_runtime"] = time.perf_counter() - self.started
+        row["peak_memory_gb"] = _peak_memory_gb(self.accelerator.device)
         self.write(row)
         return row
 
@@ -83,34 +132,11 @@ class MetricsLog:
             self.rows.append(row)
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            if self.cfg.train.log != "none":
-                self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            if self.tracker is not None:
+                self.tracker.log(row)
 
 
-def _init_tracker(accelerator: Accelerator, cfg: Config) -> None:
-    if cfg.train.log == "wandb" and not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
-        os.environ.setdefault("WANDB_MODE", "offline")
-        print(
-            "[orpo_dist] wandb: no API key found; logging offline to ./wandb (sync later with `wandb sync`)",
-            flush=True,
-        )
-    init_kwargs = (
-        {"wandb": {"name": cfg.train.run_name, "dir": cfg.train.output_dir}}
-        if cfg.train.log == "wandb"
-        else {}
-    )
-    accelerator.init_trackers(cfg.train.wandb_project, config=_flat_config(cfg), init_kwargs=init_kwargs)
-
-
-def _wandb_logged_in() -> bool:
-    netrc = Path.home() / ".netrc"
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text()
-
-
-def _flat_config(cfg: Config) -> dict:
-    return {
-        k: v
-        for section in cfg.to_dict().values()
-        for k, v in section.items()
-        if isinstance(v, (int, float, str, bool)) or v is None
-    }
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from orpo_dist.builtin import BUILTIN_PREFIX, save_builtin_model
-from orpo_dist.config import Config
+from orpo_dist.config import Config, SetupError
+from orpo_dist.templates import set_chat_template
 
 log = logging.getLogger("orpo_dist")
 
@@ -34,17 +36,23 @@ UNSLOTH_ARCHS = {
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """`builtin:*` models are written once under output_dir (call on the main process first)."""
+    """A hub id, or an absolute local path: adapters record it as their base, so they load from any
+    directory. `builtin:*` models are written once under output_dir (call on the main process first)."""
     name = cfg.model.model
     if name.startswith(BUILTIN_PREFIX):
-        return str(save_builtin_model(name, Path(cfg.train.output_dir) / "base_model", seed=cfg.train.seed))
-    return name
+        name = str(save_builtin_model(name, Path(cfg.train.output_dir) / "base_model", seed=cfg.train.seed))
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str, trust_remote_code: bool = False, chat_template: str | None = "tokenizer", say=log.info
+) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (a pad token added if it has none) with the configured chat template."""
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
+    set_chat_template(tokenizer, chat_template, say)
     return tokenizer
 
 
@@ -74,13 +82,27 @@ def choose_backend(cfg: Config, num_processes: int, model_type: str | None) -> t
         return "hf", "backend: hf requested"
     if cfg.model.backend == "unsloth":
         if blockers:
-            raise RuntimeError(
+            raise SetupError(
                 "backend: unsloth cannot run here: " + "; ".join(blockers) + ". Use backend: auto or hf."
             )
         return "unsloth", "backend: unsloth requested"
     if blockers:
         return "hf", "auto: transformers + PEFT because " + "; ".join(blockers)
     return "unsloth", "auto: Unsloth is installed, 1 process, CUDA, supported architecture"
+
+
+def fused_kernel_blockers(mode: str) -> list[str]:
+    """Why Liger's kernels cannot run here; `fused_kernels: liger` with any is a ConfigError."""
+    blockers = []
+    if importlib.util.find_spec("liger_kernel") is None:
+        blockers.append("liger-kernel is not installed (pip install liger-kernel)")
+    if not torch.cuda.is_available():
+        blockers.append("no CUDA GPU (Liger kernels are Triton)")
+    if blockers and mode == "liger":
+        raise SetupError(
+            "fused_kernels: liger cannot run here: " + "; ".join(blockers) + ". Use auto or none."
+        )
+    return blockers
 
 
 def apply_fused_kernels(model, mode: str, say=log.info) -> str:
@@ -91,16 +113,8 @@ def apply_fused_kernels(model, mode: str, say=log.info) -> str:
     """
     if mode == "none":
         return "none"
-    blockers = []
-    if importlib.util.find_spec("liger_kernel") is None:
-        blockers.append("liger-kernel is not installed (pip install liger-kernel)")
-    if not torch.cuda.is_available():
-        blockers.append("no CUDA GPU (Liger kernels are Triton)")
+    blockers = fused_kernel_blockers(mode)
     if blockers:
-        if mode == "liger":
-            raise RuntimeError(
-                "fused_kernels: liger cannot run here: " + "; ".join(blockers) + ". Use auto or none."
-            )
         say("fused kernels: none (" + "; ".join(blockers) + ")")
         return "none"
     from liger_kernel.transformers import _apply_liger_kernel_to_instance  # pragma: no cover - CUDA only
@@ -151,8 +165,8 @@ def load_model(
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.peft.quantization:
-        if sharded and cfg.peft.quantization == "int8":
-            raise RuntimeError(
+        if sharded and cfg.peft.quantization == "int8":  # preflight refuses it earlier; kept for API callers
+            raise SetupError(
                 "quantization: int8 cannot be sharded by ZeRO-3/FSDP; use int4 (QLoRA) or ZeRO-2/DDP."
             )
         kwargs["quantization_config"] = quantization_config(cfg, sharded)
@@ -177,6 +191,54 @@ def load_model(
 
         model = get_peft_model(model, LoraConfig(**_lora_kwargs(cfg), task_type="CAUSAL_LM"))
     return model
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 has already partitioned it, or bitsandbytes packed it."""
+    n = getattr(p, "ds_numel", None) or p.numel()
+    return n * 2 if p.dtype == torch.uint8 and hasattr(p, "quant_state") else n  # 4-bit: two per byte
+
+
+def describe_model(model) -> list[str]:
+    """What was built, read back from the model itself: class, weights dtype, quantisation, attention,
+    LoRA targets and trainable parameters (so `nf4` in the log means nf4 weights were really loaded)."""
+    config = model.config
+    base, adapter, quantized = Counter(), Counter(), Counter()
+    for name, p in model.named_parameters():
+        if hasattr(p, "quant_state") or p.dtype in (torch.uint8, torch.int8):
+            continue
+        (adapter if "lora_" in name else base)[str(p.dtype).removeprefix("torch.")] += _numel(p)
+    for module in model.modules():
+        weight = module._parameters.get("weight")  # its own, not a LoRA wrapper's view of its base layer
+        if type(weight).__name__ == "Params4bit":
+            quantized[f"4-bit {weight.quant_type}"] += 1
+        elif type(weight).__name__ == "Int8Params":
+            quantized["8-bit int8"] += 1
+    dtype = "/".join(base) or "n/a"
+    if adapter:
+        dtype += f" (LoRA adapters {'/'.join(adapter)})"
+    quant = ", ".join(f"{kind} in {n} linear layers" for kind, n in quantized.items()) or "none"
+    qc = getattr(config, "quantization_config", None)
+    if quantized and qc is not None and getattr(qc, "load_in_4bit", False):
+        compute = str(qc.bnb_4bit_compute_dtype).removeprefix("torch.")
+        quant += f" (bitsandbytes, double quantisation {qc.bnb_4bit_use_double_quant}, compute {compute})"
+    arch = (config.architectures or [type(model).__name__])[0]
+    lines = [
+        f"built: {arch} ({config.model_type}); weights {dtype}; quantisation {quant}; "
+        f"attention {getattr(config, '_attn_implementation', None) or 'default'}"
+    ]
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is not None:
+        targets = ", ".join(sorted({name.split(".")[-1] for name in peft_config.target_modules}))
+        lines.append(
+            f"LoRA r={peft_config.r} alpha={peft_config.lora_alpha} dropout={peft_config.lora_dropout} "
+            f"on {targets}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+        )
+    else:
+        lines.append(f"full fine-tune: {trainable:,} trainable of {total:,} parameters")
+    return lines
 
 
 class _LogitTransform(torch.nn.Module):

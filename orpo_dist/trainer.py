@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from tqdm.auto import tqdm
 
 from orpo_dist import sequence_parallel
 from orpo_dist.checkpoint import Checkpointer
-from orpo_dist.config import Config
-from orpo_dist.data import build_datasets
+from orpo_dist.config import Config, ConfigError
+from orpo_dist.data.cache import tokenised_datasets
 from orpo_dist.distributed import (
     Preemption,
+    agreed_start,
     all_sum,
     check_world_size,
     describe,
@@ -31,13 +33,19 @@ from orpo_dist.distributed import (
     make_accelerator,
     rank0_print,
 )
+from orpo_dist.health import Health, non_finite
+from orpo_dist.hub import check_push
 from orpo_dist.layouts import make_collator, model_inputs
 from orpo_dist.loader import make_loaders
 from orpo_dist.logps import forward_parts
 from orpo_dist.loss import OrpoParts, batch_counts
 from orpo_dist.metrics import MetricsLog, MetricWindow, step_sums
-from orpo_dist.modeling import load_model, load_tokenizer, output_head, resolve_model_path
-from orpo_dist.optim import build_optimizer
+from orpo_dist.modeling import describe_model, load_model, load_tokenizer, output_head, resolve_model_path
+from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
+from orpo_dist.preflight import check_model, check_run
+from orpo_dist.resume import check_data, data_sha256, run_fingerprint
+from orpo_dist.templates import example_lines
+from orpo_dist.throughput import flops_model
 
 PREEMPTED_EXIT_CODE = 3
 
@@ -52,102 +60,140 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
-        self.cfg, t = cfg, cfg.train
+    def __init__(self, cfg: Config, preempt: Preemption):
+        self.cfg, t, self.preempt = cfg, cfg.train, preempt
+        check_optimizer(t.optim)  # what can only be checked on this machine, before anything is written
+        check_push(cfg)
         self.accelerator = accelerator = make_accelerator(cfg)
         check_world_size(accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
+        world, strategy = accelerator.num_processes, accelerator.distributed_type.value
+        # user mistakes end here, on every rank, before anything is loaded (exit 2)
+        self.resume_point = agreed_start(accelerator, lambda: check_run(cfg, world, strategy))
         if accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
         self.say(describe(accelerator, cfg))
 
-        # downloads, the built-in model and the tokenised data are made once, by rank 0 first
-        with accelerator.main_process_first():
-            model_path = resolve_model_path(cfg)
-            self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-            train_ds, eval_ds, report = build_datasets(cfg.data, self.tokenizer, t.seed)
-        for line in report.lines():
+        # downloads and the built-in model are made once, by rank 0 first; the tokenised data once per
+        # job (per node with a node-local cache_dir), memory-mapped by every rank
+        model_path, self.tokenizer = agreed_start(accelerator, self._inputs, first="main")
+        data = tokenised_datasets(cfg, self.tokenizer, accelerator, self.say)
+        train_ds, eval_ds, report = data.train, data.eval, data.report
+        example = example_lines(train_ds, self.tokenizer, cfg.data.chat_template, report.format)
+        for line in report.lines() + example:
             self.say(line)
-        sequence_parallel.check_model(cfg, model_path)
-        model = load_model(
-            cfg, model_path, accelerator.num_processes, accelerator.device, is_sharded(accelerator), self.say
-        )
-        if cfg.peft.use_peft and accelerator.is_main_process:
-            model.print_trainable_parameters()
-
         layout, pad, scope = cfg.orpo.layout, self.tokenizer.pad_token_id, cfg.orpo.nll_scope
         collate = make_collator(layout, pad, scope, *sequence_parallel.slice_of(accelerator))
         self.loader, self.eval_loader = make_loaders(t, train_ds, eval_ds, collate, accelerator)
         steps_per_epoch = self.loader.shards.steps_per_epoch
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+        fingerprint = run_fingerprint(cfg, world, strategy)
+        fingerprint.pairs, fingerprint.data_sha256 = len(train_ds), data_sha256(train_ds)
+        if self.resume_point:
+            check_data(self.resume_point, fingerprint, steps_per_epoch)
 
+        model = load_model(
+            cfg, model_path, accelerator.num_processes, accelerator.device, is_sharded(accelerator), self.say
+        )
+        for line in describe_model(model):
+            self.say(line)
         optimizer, self.scheduler = build_optimizer(t, model, self.total_steps)
+        self.say(f"layout {cfg.orpo.layout}; {describe_optimizer(t, optimizer, self.total_steps)}")
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.sp_reduce = sequence_parallel.enable(accelerator, self.model)  # None without SP
         self.lm_head = output_head(accelerator.unwrap_model(self.model))
-        self.checkpoints = Checkpointer(accelerator, cfg, self.tokenizer, self.scheduler)
-        self.metrics = MetricsLog(accelerator, cfg)
-        self.last_eval_step: int | None = None
+        self.checkpoints = Checkpointer(accelerator, cfg, self.tokenizer, self.scheduler, fingerprint)
+        flops = flops_model(model, accelerator.device, t.peak_tflops, self.say)
+        self.metrics = MetricsLog(accelerator, cfg, flops)
+        self.health = Health(cfg)
+
+    def _inputs(self):
+        """The model's path (a built-in one is written here), checked on the meta device, and its tokenizer."""
+        cfg = self.cfg
+        model_path = resolve_model_path(cfg)
+        check_model(cfg, model_path, self.accelerator.num_processes, is_sharded(self.accelerator))
+        sequence_parallel.check_model(cfg, model_path)
+        try:
+            tokenizer = load_tokenizer(
+                model_path, cfg.model.trust_remote_code, cfg.data.chat_template, self.say
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model={cfg.model.model}: cannot load its tokenizer ({e})") from None
+        return model_path, tokenizer
 
     def say(self, msg: str) -> None:
         rank0_print(self.accelerator, msg)
 
     def train(self) -> TrainResult:
-        self.checkpoints.resume()
-        with Preemption() as preempt:
-            return self._loop(preempt)
+        point = self.resume_point
+        if point:
+            self.checkpoints.load(point)
+        self.metrics.start(point.step if point else None)
+        return self._loop()
 
-    def _loop(self, preempt: Preemption) -> TrainResult:
+    def _loop(self) -> TrainResult:
         accelerator, t, progress = self.accelerator, self.cfg.train, self.checkpoints.progress
+        if self.preempt.agreed(accelerator):  # a signal came during start-up: nothing new to save
+            return self.preempted(progress.global_step, during="start-up")
         if t.eval_on_start and progress.global_step == 0:
             self.log_eval(step=0)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=progress.global_step, desc="orpo", dynamic_ncols=True,
-                   disable=not accelerator.is_main_process)  # fmt: skip
-        window, t0 = MetricWindow(), time.perf_counter()
+        window, t0, stop = MetricWindow(), time.perf_counter(), False
         steps = self.loader.steps(progress.epoch, progress.step_in_epoch, progress.global_step)
-        while progress.global_step < self.total_steps:
-            grad_norm = self.optimizer_step(next(steps), window)
-            progress.advance(self.loader.shards.steps_per_epoch)
-            step = progress.global_step
-            bar.update(1)
-            if step % t.logging_steps == 0 or step == self.total_steps:
-                epoch, lr = step / self.loader.shards.steps_per_epoch, self.scheduler.get_last_lr()[0]
-                row = self.metrics.log_train(window, self.cfg.orpo.beta, time.perf_counter() - t0, step=step,
-                                             epoch=epoch, learning_rate=lr, grad_norm=grad_norm)  # fmt: skip
-                bar.set_postfix(loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}")
-                t0 = time.perf_counter()
-            epoch_end = progress.step_in_epoch == 0
-            if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and epoch_end):
-                self.log_eval(step)
-            saved = bool(t.save_steps and step % t.save_steps == 0 and step < self.total_steps)
-            if saved:
-                self.checkpoints.save(self.model)
-            if preempt.agreed(accelerator):
-                bar.close()
-                if not saved:
+        with tqdm(total=self.total_steps, initial=progress.global_step, desc="orpo", dynamic_ncols=True,
+                  disable=not accelerator.is_main_process) as bar:  # fmt: skip
+            while progress.global_step < self.total_steps:
+                grad_norm, health = self.optimizer_step(next(steps), window)
+                progress.advance(self.loader.shards.steps_per_epoch)
+                step = progress.global_step
+                if step % t.logging_steps == 0 or step == self.total_steps:
+                    row = self.log_train(window, step, grad_norm, time.perf_counter() - t0)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}", refresh=False
+                    )
+                    t0 = time.perf_counter()
+                elif accelerator.is_main_process:  # between logging steps: rank 0's running window
+                    bar.set_postfix(**window.preview(self.cfg.orpo.beta), refresh=False)
+                bar.update(1)
+                epoch_end = progress.step_in_epoch == 0
+                if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and epoch_end):
+                    self.log_eval(step)
+                # the step's one collective: a stop signal on any rank, a non-finite loss / grad norm on any rank
+                stop, loss_bad, grad_bad = self.preempt.check(accelerator, health)
+                if loss_bad or grad_bad:  # before any save: a non-finite value never becomes a checkpoint
+                    raise self.health.error(step, loss_bad, self.out)
+                saved = bool(t.save_steps and step % t.save_steps == 0 and step < self.total_steps)
+                if saved or stop:
                     self.checkpoints.save(self.model)
-                self.say(f"preempted: checkpoint saved at step {step}; exit {PREEMPTED_EXIT_CODE} "
-                         "(resume with --resume auto)")  # fmt: skip
-                return TrainResult(self.out, step, None, self.metrics.rows, preempted=True)
-        bar.close()
-        return self.finish()
+                if stop:
+                    break
+        return self.preempted(progress.global_step) if stop else self.finish()
 
-    def optimizer_step(self, batches: list[dict], window: MetricWindow) -> torch.Tensor | None:
-        """Forward/backward over the step's micro-batches, then one optimizer step; returns the grad norm."""
+    def preempted(self, step: int, during: str = "") -> TrainResult:
+        what = f"during {during}, nothing new to save" if during else "checkpoint saved"
+        self.say(f"preempted: {what} at step {step}; exit {PREEMPTED_EXIT_CODE} (resume with --resume auto)")
+        self.accelerator.end_training()  # trackers flushed and closed: the resumed run continues them
+        return TrainResult(self.out, step, None, self.metrics.rows, preempted=True)
+
+    def optimizer_step(
+        self, batches: list[dict], window: MetricWindow
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Forward/backward over the step's micro-batches, then one optimizer step: the grad norm, and
+        whether the loss / grad norm were finite (health.non_finite flags, not yet agreed across ranks)."""
         accelerator, cfg = self.accelerator, self.cfg
         # normalise by the whole step's token and pair counts, over all micro-batches and ranks,
         # so accumulation and data parallelism give the gradient of one big batch
         nll_tokens, pairs = all_sum(accelerator, sum(batch_counts(b) for b in batches)).tolist()
         # accelerate divides each micro-batch's loss by the accumulation, DDP / ZeRO average over ranks: undo both
         scale = len(batches) * gradient_average(accelerator)
-        grad_norm = None
+        grad_norm, losses = None, 0.0
         for batch in batches:
             with accelerator.accumulate(self.model), accelerator.autocast():
                 parts = self.forward(batch)
-                accelerator.backward(parts.loss(cfg.orpo.beta, nll_tokens, pairs) * scale)
+                loss = parts.loss(cfg.orpo.beta, nll_tokens, pairs) * scale
+                accelerator.backward(loss)
+                losses = losses + loss.detach()
                 if accelerator.sync_gradients:  # max_grad_norm 0: measure the norm, don't clip
                     max_norm = cfg.train.max_grad_norm or math.inf
                     grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -155,7 +201,17 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(step_sums(parts, batch, cfg.orpo.beta))
         self.scheduler.step()
-        return grad_norm
+        return grad_norm, non_finite(
+            losses, grad_norm, grads_may_overflow=accelerator.mixed_precision == "fp16"
+        )
+
+    def log_train(self, window: MetricWindow, step: int, grad_norm, seconds: float) -> dict:
+        epoch, lr = step / self.loader.shards.steps_per_epoch, self.scheduler.get_last_lr()[0]
+        row = self.metrics.log_train(window, self.cfg.orpo.beta, seconds, self.loader.take_wait_seconds(),
+                                     step=step, epoch=epoch, learning_rate=lr, grad_norm=grad_norm)  # fmt: skip
+        for warning in self.health.watch(row):
+            self.say(warning)
+        return row
 
     def forward(self, batch: dict) -> OrpoParts:
         inputs = model_inputs(batch, self.model)
@@ -178,7 +234,7 @@ class Trainer:
         return out
 
     def log_eval(self, step: int) -> None:
-        self.last_eval_step = step
+        self.checkpoints.last_eval_step = step
         metrics = self.evaluate()
         if metrics:
             self.metrics.write({"step": step, **metrics})
@@ -189,20 +245,15 @@ class Trainer:
     def finish(self) -> TrainResult:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
         accelerator, step = self.accelerator, self.checkpoints.progress.global_step
-        if self.last_eval_step != step:
+        if self.checkpoints.last_eval_step != step:
             self.log_eval(step)
         final = self.out / "final"
         self.checkpoints.save_model(self.model, final)
         accelerator.wait_for_everyone()
-        if self.cfg.export.formats and accelerator.is_main_process:
-            from orpo_dist.export import export
-
-            written = export(
-                final, self.out / "export", self.cfg.export.formats, gguf_quant=self.cfg.export.gguf_quant
-            )
-            for fmt, path in written.items():
-                self.say(f"exported {fmt}: {path}")
+        failed = self.publish(final) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
+        if failed:
+            raise failed
         accelerator.end_training()
         evals = [r["eval_rewards/accuracies"] for r in self.metrics.rows if "eval_rewards/accuracies" in r]
         if len(evals) >= 2:
@@ -210,10 +261,46 @@ class Trainer:
         self.say(f"done: {step} steps; final model in {final}")
         return TrainResult(self.out, step, final, self.metrics.rows)
 
+    def publish(self, final: Path) -> Exception | None:
+        """Rank 0, after training: exports (`<output_dir>/export/merged/`, `export/model-<quant>.gguf`),
+        the Hub upload, and the report (report.md, report.png). Returns an export failure instead of
+        raising it, so it is raised after the barrier and no rank is left waiting."""
+        e, written, failed = self.cfg.export, {}, None
+        if e.formats:
+            from orpo_dist.export import ExportError, export
 
-def run(cfg: Config) -> TrainResult:
-    """Train with a validated config."""
-    return Trainer(cfg).train()
+            out = self.out / "export"
+            try:
+                written = export(final, out, e.formats, gguf_quant=e.gguf_quant, merged_dir=out / "merged",
+                                 trust_remote_code=self.cfg.model.trust_remote_code)  # fmt: skip
+            except Exception as err:  # noqa: BLE001
+                failed = (
+                    err
+                    if isinstance(err, ExportError)
+                    else ExportError(f"export failed ({type(err).__name__}: {err})")
+                )
+            for fmt, path in written.items():
+                self.say(f"exported {fmt}: {path}")
+        if e.push_to_hub and not failed:
+            from orpo_dist.hub import push
+
+            self.say(f"pushed to the Hub: {push(self.cfg, final, written)}")
+        try:
+            from orpo_dist.report import write_report
+
+            write_report(self.out, say=self.say)
+        except Exception as err:  # the report is a convenience: it never fails a finished run
+            self.say(
+                f"report not written ({type(err).__name__}: {err}); retry: python -m orpo_dist.report {self.out}"
+            )
+        return failed
+
+
+def run(cfg: Config, signalled: Callable[[], bool] | None = None) -> TrainResult:
+    """Train with a validated config. SIGUSR1 / SIGTERM stop it at a step boundary from here on
+    (`signalled` reports one the caller caught earlier); the caller's handlers are restored after."""
+    with Preemption(signalled) as preempt:
+        return Trainer(cfg, preempt).train()
 
 
 def exit_code(result: TrainResult) -> int:

@@ -46,9 +46,17 @@
 #   export GLOO_SOCKET_IFNAME=eth0       # same for gloo (CPU runs, and torch's store traffic)
 #   export NCCL_IB_DISABLE=1             # no InfiniBand / RoCE: use TCP sockets between nodes
 #   export NCCL_DEBUG=INFO               # print the transports and topology NCCL picked (WARN: quieter)
-#   export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed or timed-out collective kills the process instead
-#                                        # of hanging every rank; srun --kill-on-bad-exit then ends the job
-#   export TORCH_NCCL_BLOCKING_WAIT=0 NCCL_TIMEOUT=...   # (leave the defaults unless debugging hangs)
+# A hung or lost rank (a stuck GPU, a node that stopped answering): every collective waits at most the
+# trainer's `ddp_timeout` (seconds, default 1800; set it in the config or as --ddp_timeout 600), then fails,
+# and the job ends instead of hanging until the time limit; the requeued run resumes from the last checkpoint.
+#   export TORCH_NCCL_ASYNC_ERROR_HANDLING=3  # torch's default (>= 2.2): NCCL's watchdog kills the process when a
+#                                        # collective fails or exceeds ddp_timeout (1: abort communicators first;
+#                                        # 0 would leave ranks hanging); srun --kill-on-bad-exit ends the job
+#   export TORCH_NCCL_ENABLE_MONITORING=1 TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=480  # defaults: if the watchdog
+#                                        # thread itself is stuck (driver hang) for that long, kill the process
+#   export TORCH_NCCL_DUMP_ON_TIMEOUT=1 TORCH_NCCL_TRACE_BUFFER_SIZE=2000  # debugging a hang: dump the last
+#                                        # collectives of each rank (flight recorder) when the timeout fires
+#   export TORCH_NCCL_BLOCKING_WAIT=0    # (leave it: 1 makes the waiting rank raise instead, slower)
 set -uo pipefail
 # Trap first: SIGUSR1's default action would end this shell, and with it the job, without a checkpoint.
 srun_pid='' signalled=0 terminated=0

@@ -119,3 +119,38 @@ def example_pairs(tokenizer) -> list[dict]:
         ("Say yes: ", "yes, of course", "no"),
     ]
     return [tokenized_pair(tokenizer, *row, i) for i, row in enumerate(rows)]
+
+
+def signal_after_logging(monkeypatch, step: int, sig: int = signal.SIGUSR1) -> None:
+    """Send `sig` to this process right after the training row of `step` is logged (a preemption there)."""
+    from orpo_dist.metrics import MetricsLog
+
+    write = MetricsLog.write
+
+    def write_then_signal(self, row):
+        write(self, row)
+        if row.get("step") == step and "loss" in row:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
+
+
+def pairs_jsonl(path: Path, n: int = 40, seed: int = 1) -> Path:
+    """`n` pairs of the built-in task as a standard-format JSON lines file."""
+    from orpo_dist.builtin import case_rule_pairs
+
+    path.write_text("".join(json.dumps(p) + "\n" for p in case_rule_pairs(n, seed=seed)))
+    return path
+
+
+def conversations_jsonl(path: Path, n: int = 40, seed: int = 1) -> Path:
+    """The built-in task as ultrafeedback-style conversations (chosen / rejected message lists)."""
+    from orpo_dist.builtin import case_rule_pairs
+
+    with path.open("w") as f:
+        for p in case_rule_pairs(n, seed=seed):
+            user = {"role": "user", "content": p["prompt"].strip()}
+            chosen = [user, {"role": "assistant", "content": p["chosen"]}]
+            rejected = [user, {"role": "assistant", "content": p["rejected"]}]
+            f.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
+    return path

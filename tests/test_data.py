@@ -96,13 +96,15 @@ def test_every_source_kind_gives_the_same_tokenised_pairs(kind, tmp_path, tokeni
     path, extra = _write(kind, tmp_path)
     train, evaluation, report = build_datasets(cfg_for(path, **extra), tokenizer, seed=0)
     assert evaluation is None
-    assert train.column_names == ["id", "prompt_ids", "chosen_ids", "rejected_ids"]
+    assert train.column_names == ["id", "prompt_ids", "chosen_ids", "rejected_ids", "length"]
     expected = [
         {
             "id": i,
             "prompt_ids": [tokenizer.bos_token_id] + char_ids(tokenizer, p["prompt"]),
             "chosen_ids": char_ids(tokenizer, p["chosen"]) + [tokenizer.eos_token_id],
             "rejected_ids": char_ids(tokenizer, p["rejected"]) + [tokenizer.eos_token_id],
+            # prompt + the longer completion (BOS and EOS included), for length grouping
+            "length": 1 + len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) + 1,
         }
         for i, p in enumerate(PAIRS)
     ]
@@ -129,7 +131,9 @@ def test_builtin_case_rule_loads(tokenizer):
     train, evaluation, report = build_datasets(
         DataConfig(data_path="builtin:case_rule", eval_split=0.1), tokenizer, 0
     )
-    assert (report.read, report.used_train, report.used_eval) == (2000, 1800, 200)
+    # seed 0 draws 3 exact duplicates; the first copy of one was drawn for eval, so its twin follows it
+    # there (exact duplicates are never split across train/eval): 201 held out instead of 200
+    assert (report.read, report.used_train, report.used_eval, report.duplicates) == (2000, 1799, 201, 3)
     first = texts_of(train.select([0]), tokenizer)[0]
     assert first["prompt"].startswith("<s>Write in ") and first["chosen"].endswith("</s>")
     assert first["chosen"].lower() == first["rejected"].lower() and first["chosen"] != first["rejected"]

@@ -233,12 +233,14 @@ def test_cli_help_and_bad_format(capsys):
 
 
 def test_cli_merge(lora_checkpoint, tmp_path, capsys):
-    rc = ex.main(
-        ["--checkpoint", str(lora_checkpoint[0]), "--format", "merged_16bit", "--out", str(tmp_path)]
-    )
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "my-model"
+    rc = ex.main(["--checkpoint", str(lora_checkpoint[0]), "--format", "merged_16bit", "--out", str(out)])
     assert rc == 0
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
-    assert "merged_16bit:" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and not (out / "merged").exists()  # at --out, as Unsloth
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+    assert f"merged_16bit: {out}" in capsys.readouterr().out
     assert ex.main(["--checkpoint", str(tmp_path / "nope"), "--format", "merged_16bit", "--out", "o"]) == 1
     assert "does not exist" in capsys.readouterr().err
 

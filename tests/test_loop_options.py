@@ -43,7 +43,7 @@ def test_wandb_without_a_key_goes_offline_with_a_notice(tmp_path, monkeypatch, c
     monkeypatch.setenv("WANDB_SILENT", "true")
     orpo_dist.train(tiny_run(tmp_path / "out", **RUN, log="wandb", run_name="t"))
     out = capsys.readouterr().out
-    assert "wandb: no API key found; logging offline" in out
+    assert "wandb: offline (no API key found): run " in out and "upload it with: wandb sync " in out
     assert list((tmp_path / "out").rglob("offline-run-*")), "no offline wandb run directory"
     # the key never lands in the saved config
     assert "api_key" not in (tmp_path / "out" / "config.yaml").read_text().lower()

@@ -66,16 +66,16 @@ def run_nodes(script: str, envs: list[dict[str, str]], args: list[str], cwd: Pat
 
 
 @pytest.mark.parametrize(
-    ("script", "accel_config", "distributed"),
+    ("script", "accel_config", "distributed", "node_local_cache"),
     [
-        ("multi_node_accelerate.sh", "multi_gpu.yaml", "MULTI_CPU"),
-        ("multi_node_accelerate.sh", "zero3.yaml", "DEEPSPEED"),
-        ("multi_node_torchrun.sh", None, "MULTI_CPU"),
+        ("multi_node_accelerate.sh", "multi_gpu.yaml", "MULTI_CPU", False),
+        ("multi_node_accelerate.sh", "zero3.yaml", "DEEPSPEED", False),
+        ("multi_node_torchrun.sh", None, "MULTI_CPU", True),
     ],
-    ids=["accelerate-ddp", "accelerate-zero3", "torchrun-ddp"],
+    ids=["accelerate-ddp", "accelerate-zero3", "torchrun-ddp-node-local-cache"],
 )
 def test_two_nodes_train_checkpoint_and_finish_together(
-    tmp_path, tiny_model_dir, script, accel_config, distributed
+    tmp_path, tiny_model_dir, script, accel_config, distributed, node_local_cache
 ):
     out, trace = tmp_path / "out", tmp_path / "trace"
     trace.mkdir()
@@ -92,8 +92,11 @@ def test_two_nodes_train_checkpoint_and_finish_together(
     )
     if accel_config:
         common["ACCEL_CONFIG"] = str(ACCEL / accel_config)
-    envs = [launch_env(**common, NODE_RANK=str(rank)) for rank in (0, 1)]
+    # node-local scratch (as $TMPDIR on a cluster): each node's local main process tokenises once for its node
+    scratch = [tmp_path / f"node{rank}-scratch" for rank in (0, 1)]
+    envs = [launch_env(**common, NODE_RANK=str(rank), NODE_SCRATCH=str(scratch[rank])) for rank in (0, 1)]
     args = ["--config", str(TINY_YAML), "--model", str(tiny_model_dir), "--output_dir", str(out)]
+    args += ["--cache_dir", "$NODE_SCRATCH/cache"] if node_local_cache else []
     results = run_nodes(script, envs, args, cwd=tmp_path)
 
     for node, (rc, log) in enumerate(results):
@@ -114,3 +117,14 @@ def test_two_nodes_train_checkpoint_and_finish_together(
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
     assert (out / f"checkpoint-{SAVE_AT}" / "COMPLETE").exists()
     assert (out / "final" / "config.json").exists() and list((out / "final").glob("*.safetensors"))
+    # the tokenised cache: built once, by rank 0, on the shared disk; or once per node on node-local disks
+    data = {row["rank"]: row for f in trace.glob("data_rank*.json") for row in read_jsonl(f)}
+    if node_local_cache:
+        assert data[0]["built"] and data[1]["built"], data
+        # (c10d rendezvous numbers the nodes as they join: which node is rank 1 is not fixed)
+        assert {str(Path(data[r]["directory"]).parents[1]) for r in (0, 1)} == {str(p) for p in scratch}, data
+        assert "rank 1: tokenised cache: miss: building (no cache in" in logs
+    else:
+        assert data[0]["built"] and not data[1]["built"], data
+        assert data[0]["directory"] == data[1]["directory"] and data[0]["directory"].startswith(str(out))
+    assert logs.count("tokenised cache: miss: building") == 1 + node_local_cache

@@ -14,6 +14,7 @@ The first DeepSpeed launch on a machine compiles a small extension (~80 s); late
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class Run:
     out: Path
     rows: list[dict]  # metrics.jsonl rows written by this launch
     trace: list[dict]  # every rank's {rank, world_size, step, ids}
+    data: dict[int, dict]  # rank -> {rank, built, directory}: whether it tokenised or memory-mapped the cache
     resumed_from: Run | None = field(default=None, repr=False)
 
     def check_ok(self) -> None:
@@ -75,7 +77,6 @@ def launch(
     out = out or tmp / name
     trace = tmp / f"trace-{name}"
     trace.mkdir(parents=True)
-    before = len(read_jsonl(out / "metrics.jsonl"))
     train = ["-m", "orpo_dist.train", "--config", str(TINY_YAML)]
     train += ["--model", str(model_dir), "--output_dir", str(out)]
     env = launch_env(ORPO_DIST_TRACE_DIR=str(trace))
@@ -88,7 +89,12 @@ def launch(
         cmd += ["--mixed_precision", "no", "--main_process_port", str(free_port()), *train]
     rc, log = run_process([*cmd, *overrides], env, cwd=tmp, timeout=TIMEOUT)
     trace_rows = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
-    return Run(rc, log, out, read_jsonl(out / "metrics.jsonl")[before:], trace_rows)
+    # a resume keeps the rows up to its checkpoint and logs the steps after it (each step once)
+    resumed = re.search(r"resumed from \S+ at step (\d+)", log)
+    start = int(resumed.group(1)) if resumed else -1
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] > start]
+    data = {row["rank"]: row for f in trace.glob("data_rank*.json") for row in read_jsonl(f)}
+    return Run(rc, log, out, rows, trace_rows, data)
 
 
 LORA = ("--peft", "--lr", "1e-2")
@@ -122,6 +128,11 @@ class Runs:
         if name in LORA_RUNS:
             strategy, extra = LORA_RUNS[name]
             return launch(tmp, name, strategy, model, *extra)
+        if name == "ddp_overwrite":  # a new job on the ddp run's cache, rebuilding it: --overwrite_cache
+            cache = self["ddp"].data[0]["directory"].rsplit("/", 1)[0]
+            return launch(
+                tmp, name, "ddp", model, "--cache_dir", cache, "--overwrite_cache", "--max_steps", "1"
+            )
         if name.endswith("_resumed"):
             # killed one step after the step-4 checkpoint (as a crash would be), then resumed to the end; a
             # run that simply ends at max_steps leaves final/ but no resumable checkpoint of its last step
@@ -237,6 +248,44 @@ def test_zero_matches_ddp(runs, stage):
         k: v.shape for k, v in base.state_dict().items()
     }
     assert_weights_close(run.weights(), ddp.weights(), runs.base_weights(), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ tokenised cache
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_one_rank_tokenises_the_other_memory_maps(runs, strategy):
+    """A fresh 2-rank job: rank 0 validates and tokenises into the cache; rank 1 waits and memory-maps it."""
+    run = runs[strategy]
+    run.check_ok()
+    assert run.data[0]["built"] is True and run.data[1]["built"] is False, run.data
+    assert run.data[0]["directory"] == run.data[1]["directory"]
+    assert run.data[0]["directory"].startswith(str(run.out / "data_cache"))
+    assert run.log.count("tokenised cache: miss: building (no cache in") == 1
+    assert "tokenised cache: hit" not in run.log and "rank 1: tokenised cache" not in run.log
+
+
+def test_overwrite_cache_rebuilds_once_and_every_rank_takes_the_new_build(runs):
+    """overwrite_cache: rank 0 rebuilds in place; rank 1 takes that build (the broadcast build id), not the old one."""
+    run, old = runs["ddp_overwrite"], runs["ddp"]
+    run.check_ok()
+    assert run.data[0]["built"] is True and run.data[1]["built"] is False, run.data
+    assert run.data[0]["directory"] == run.data[1]["directory"] == old.data[0]["directory"]
+    assert run.log.count("tokenised cache: miss: building (overwrite_cache: true)") == 1
+    assert "rank 1: tokenised cache" not in run.log
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_a_resumed_job_reads_the_cache(runs, strategy):
+    """A requeued job (resume) tokenises nothing: every rank memory-maps the first launch's cache."""
+    resumed = runs[f"{strategy}_resumed"]
+    resumed.check_ok()
+    first = resumed.resumed_from
+    assert first.data[0]["built"] is True and first.data[1]["built"] is False
+    assert [resumed.data[r]["built"] for r in (0, 1)] == [False, False], resumed.data
+    assert {resumed.data[r]["directory"] for r in (0, 1)} == {first.data[0]["directory"]}
+    assert f"tokenised cache: hit {first.data[0]['directory']}" in resumed.log
+    assert "tokenised cache: miss" not in resumed.log and "read 34 pairs, used 34 (train)" in resumed.log
 
 
 # ------------------------------------------------------------------------------------------ resume

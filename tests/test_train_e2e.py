@@ -17,18 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import OFFLINE_ENV, REPO, orpo_forward, tiny_run
+from helpers import OFFLINE_ENV, REPO, orpo_forward, signal_after_logging, tiny_run
 from safetensors.torch import load_file
 
 import orpo_dist
 from orpo_dist.config import load_config
-from orpo_dist.metrics import MetricsLog
 from orpo_dist.trainer import PREEMPTED_EXIT_CODE, exit_code
 
 TRAIN_KEYS = [
     "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
     "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm",
-    "epoch", "tokens_per_second",
+    "epoch", "tokens_per_second", "data_wait_seconds",
 ]  # fmt: skip
 EVAL_KEYS = [f"eval_{k}" for k in TRAIN_KEYS[:10]]
 
@@ -108,6 +107,7 @@ def test_e2e_metrics_jsonl_rows(e2e_run):
         assert not missing, (missing, r)
         assert all(isinstance(r[k], (int, float)) for k in TRAIN_KEYS)
         assert 0 <= r["rewards/accuracies"] <= 1 and r["tokens_per_second"] > 0 and r["learning_rate"] >= 0
+        assert r["data_wait_seconds"] >= 0 and "mfu" not in r  # mfu: GPU only
         # consistency: margins = chosen - rejected; rewards = beta * logps; loss = nll - beta * log_odds_ratio
         assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
         assert r["rewards/chosen"] == pytest.approx(0.5 * r["logps/chosen"], abs=1e-5)
@@ -205,19 +205,12 @@ def _resume_config(output_dir: Path, tiny_model_dir) -> dict:
     )  # fmt: skip
 
 
-def test_resume_after_preemption_is_exact(tmp_path, tiny_model_dir, monkeypatch):
+def test_resume_after_preemption_is_exact(tmp_path, tiny_model_dir, monkeypatch, capsys):
     a = orpo_dist.train(_resume_config(tmp_path / "a", tiny_model_dir))
     assert a.global_step == 8 and not a.preempted
 
     # B1: the same run, preempted by SIGUSR1 (SLURM's warning signal) right after step 4's checkpoint
-    write_metrics = MetricsLog.write
-
-    def signal_at_step_4(self, row):
-        write_metrics(self, row)
-        if row.get("step") == 4 and "loss" in row:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(MetricsLog, "write", signal_at_step_4)
+    signal_after_logging(monkeypatch, step=4)
     b1 = orpo_dist.train(_resume_config(tmp_path / "b", tiny_model_dir))
     monkeypatch.undo()
     assert b1.preempted and b1.global_step == 4 and b1.final_dir is None
@@ -226,8 +219,12 @@ def test_resume_after_preemption_is_exact(tmp_path, tiny_model_dir, monkeypatch)
     assert not (tmp_path / "b" / "final").exists()
 
     # B2: run again with resume: latest; it continues at step 5 with the same data, optimizer and schedule
+    capsys.readouterr()
     b2 = orpo_dist.train({**_resume_config(tmp_path / "b", tiny_model_dir), "resume": "latest"})
     assert b2.global_step == 8 and not b2.preempted
+    log = capsys.readouterr().out  # the tokenised data comes from B1's cache, its report printed again
+    assert f"tokenised cache: hit {tmp_path / 'b' / 'data_cache'}/" in log and "read 18 pairs, used" in log
+    assert "tokenised cache: miss" not in log
 
     def losses(rows):
         return {r["step"]: (r["loss"], r["learning_rate"]) for r in rows if "loss" in r}

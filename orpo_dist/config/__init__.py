@@ -3,9 +3,11 @@
 from orpo_dist.config.checks import problems, validate
 from orpo_dist.config.load import ALIASES, LEAVES, SWITCHES, canonical, load_config, parse_overrides
 from orpo_dist.config.schema import (
+    CHAT_TEMPLATES,
     EXPORT_FORMATS,
     GGUF_QUANTS,
     LAYOUTS,
+    OPTIMIZERS,
     SECTIONS,
     Config,
     ConfigError,
@@ -14,15 +16,18 @@ from orpo_dist.config.schema import (
     ModelConfig,
     OrpoConfig,
     PeftConfig,
+    SetupError,
     TrainConfig,
 )
 
 __all__ = [
     "ALIASES",
+    "CHAT_TEMPLATES",
     "EXPORT_FORMATS",
     "GGUF_QUANTS",
     "LAYOUTS",
     "LEAVES",
+    "OPTIMIZERS",
     "SECTIONS",
     "SWITCHES",
     "Config",
@@ -32,6 +37,7 @@ __all__ = [
     "ModelConfig",
     "OrpoConfig",
     "PeftConfig",
+    "SetupError",
     "TrainConfig",
     "canonical",
     "load_config",

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from orpo_dist.config.schema import Config, ConfigError
+import dataclasses
+import math
+from pathlib import Path
+
+from orpo_dist.config.schema import CHAT_TEMPLATES, Config, ConfigError
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def problems(cfg: Config) -> list[str]:
@@ -12,13 +17,22 @@ def problems(cfg: Config) -> list[str]:
     at_least_one = dict(
         batch_size=t.batch_size, gradient_accumulation=t.gradient_accumulation, logging_steps=t.logging_steps,
         max_length=d.max_length, max_prompt_length=d.max_prompt_length, logps_chunk_size=o.logps_chunk_size,
-        num_proc=d.num_proc, lora_r=pe.lora_r, sequence_parallel_size=t.sequence_parallel_size,
+        lora_r=pe.lora_r, ddp_timeout=t.ddp_timeout, sequence_parallel_size=t.sequence_parallel_size,
     )  # fmt: skip
+    at_least = dict(num_proc=(d.num_proc, 1), dataloader_num_workers=(t.dataloader_num_workers, 0))
     unset_or_at_least_one = dict(
         save_steps=t.save_steps, eval_steps=t.eval_steps, eval_batch_size=t.eval_batch_size,
         max_completion_length=d.max_completion_length, max_samples=d.max_samples,
+        save_total_limit=t.save_total_limit,
     )  # fmt: skip
     p = [f"{name}={value} must be >= 1" for name, value in at_least_one.items() if value < 1]
+    p += [
+        f"{name}={value} must be >= {low} or auto"
+        for name, (value, low) in at_least.items()
+        if value != "auto" and value < low
+    ]
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        p.append(f"peak_tflops={t.peak_tflops} must be > 0 (or unset: taken from the GPU's name)")
     p += [
         f"{name}={value} must be >= 1 (or unset)"
         for name, value in unset_or_at_least_one.items()
@@ -34,6 +48,8 @@ def problems(cfg: Config) -> list[str]:
         p.append(f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     if t.max_grad_norm < 0:
         p.append(f"max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if t.weight_decay < 0:
+        p.append(f"weight_decay={t.weight_decay} must be >= 0")
     if not 0 <= d.eval_split < 1:
         p.append(f"eval_split={d.eval_split} must be a fraction in [0, 1)")
     if d.max_prompt_length >= d.max_length:
@@ -53,8 +69,33 @@ def problems(cfg: Config) -> list[str]:
             "cannot express 'rejected sees the prompt but not chosen'. Use attn_implementation: flex_attention "
             "(GPU), sdpa or eager, or layout: packed with flash attention."
         )
+    template = d.chat_template
+    if template is not None and template not in CHAT_TEMPLATES and not Path(template).expanduser().is_file():
+        p.append(
+            f"chat_template={template!r} is not one of {list(CHAT_TEMPLATES)} nor an existing .jinja file"
+        )
+    e = cfg.export
+    if e.push_to_hub and not e.hub_model_id:
+        p.append("push_to_hub: true needs hub_model_id: <owner>/<name> (the Hub repository to upload to)")
+    if e.hub_model_id and e.hub_model_id.count("/") != 1:
+        p.append(f"hub_model_id={e.hub_model_id!r} must be <owner>/<name>")
     p += sequence_parallel_problems(cfg)
-    return p
+    not_finite = _not_finite(cfg)
+    flagged = tuple(f"{problem.split('=')[0]}=" for problem in not_finite)
+    return not_finite + [problem for problem in p if not problem.startswith(flagged)]
+
+
+def _not_finite(cfg: Config) -> list[str]:
+    """Every float setting must be a finite number, in float32 too: `lr: inf`, `beta: nan` or `beta: 1e39`
+    (inf once the loss is computed in float32) would train NaN into a model."""
+    return [
+        f"{f.name}={value} must be a finite number"
+        + (" (float32 holds up to 3.4e38)" if math.isfinite(value) else "")
+        for section in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if isinstance(value := getattr(getattr(cfg, section.name), f.name), float)
+        and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX)
+    ]
 
 
 # attention kernels DeepSpeed's Ulysses attention runs on (eager materialises a full 4D mask; flex is refused

@@ -1,8 +1,10 @@
 """From what users write to a `Config`: YAML files, `--key value` flags, and other tools' names.
 
 `ALIASES` maps AutoTrain `LLMTrainingParams`, TRL, Axolotl and Unsloth spellings onto our keys;
-`SWITCHES` are other tools' booleans that set one of our choices. Values are coerced to the field's
-type here, once; every bad key or value is collected and reported together with the bad combinations.
+`SWITCHES` are other tools' booleans that set one of our choices; `OTHER_KEYS` are other tools' keys
+that are checked or translated but not stored (`trainer: orpo`, Axolotl's `adapter`, `rl` and
+`datasets` list). Values are coerced to the field's type here, once; every bad key or value is
+collected and reported together with the bad combinations.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from orpo_dist.config.checks import problems
-from orpo_dist.config.schema import SECTIONS, Config, ConfigError
+from orpo_dist.config.schema import CHAT_TEMPLATES, SECTIONS, Config, ConfigError
 
 # Other tools' names -> ours.
 ALIASES: dict[str, str] = {
@@ -31,6 +34,8 @@ ALIASES: dict[str, str] = {
     "model_max_length": "max_length",
     "model_name_or_path": "model",
     "peft": "use_peft",
+    "optimizer": "optim",
+    "repo_id": "hub_model_id",
     # TRL / transformers TrainingArguments
     "num_train_epochs": "epochs",
     "per_device_train_batch_size": "batch_size",
@@ -41,6 +46,9 @@ ALIASES: dict[str, str] = {
     "report_to": "log",
     "resume_from_checkpoint": "resume",
     "lora_target_modules": "target_modules",
+    "dataset_name": "data_path",
+    "dataset_train_split": "train_split",
+    "dataset_test_split": "eval_data_path",
     # original ORPO code / Axolotl
     "alpha": "beta",
     "orpo_alpha": "beta",
@@ -48,9 +56,11 @@ ALIASES: dict[str, str] = {
     "micro_batch_size": "batch_size",
     "num_epochs": "epochs",
     "dataset": "data_path",
-    "datasets": "data_path",
     "val_set_size": "eval_split",
     "sequence_len": "max_length",
+    "base_model": "model",
+    "lr_scheduler": "scheduler",
+    "wandb_name": "run_name",
     # Unsloth
     "max_seq_length": "max_length",
     "use_gradient_checkpointing": "gradient_checkpointing",
@@ -65,6 +75,77 @@ SWITCHES = {
     "load_in_8bit": ("quantization", "int8"),
     "bf16": ("mixed_precision", "bf16"),
     "fp16": ("mixed_precision", "fp16"),
+    "use_flash_attention_2": ("attn_implementation", "flash_attention_2"),  # AutoTrain
+    "flash_attention": ("attn_implementation", "flash_attention_2"),  # Axolotl
+    "lora_target_linear": ("target_modules", "all-linear"),  # Axolotl
+}
+# Other tools' spellings of one of our values.
+VALUE_ALIASES = {
+    "optim": {"adamw_bnb_8bit": "adamw_8bit"},  # transformers' / Axolotl's older name
+    "chat_template": {"tokenizer_default": "tokenizer"},  # Axolotl
+}
+
+
+def _only_orpo(cfg: Config, value: Any, key: str) -> None:
+    """AutoTrain `--trainer` / Axolotl `rl`: accepted when it is `orpo` (the only thing orpo_dist trains)."""
+    if str(value).lower() != "orpo":
+        raise ConfigError(f"{key}={value!r}: orpo_dist trains ORPO only; use {key}: orpo (or leave it out)")
+
+
+def _train_flag(cfg: Config, value: Any, key: str) -> None:
+    """AutoTrain's `--train` (what `python -m orpo_dist.train` always does): accepted, nothing to set."""
+    _coerce(value, bool, key)
+
+
+def _adapter(cfg: Config, value: Any, key: str) -> None:
+    """Axolotl: `lora` sets peft: true; `qlora` sets peft: true and quantization: int4."""
+    text = str(value).lower() if value is not None else ""
+    if text not in ("lora", "qlora", "", "none", "null"):
+        raise ConfigError(f"{key}={value!r} must be lora or qlora (or leave it out for a full fine-tune)")
+    if text in ("lora", "qlora"):
+        _set(cfg, "use_peft", True)
+    if text == "qlora":
+        _set(cfg, "quantization", "int4")
+
+
+def _datasets(cfg: Config, value: Any, key: str) -> None:
+    """Axolotl: a list of one `{path, split, type}` (sets data_path and train_split; the format is detected)."""
+    entries = value if isinstance(value, list) else [value]
+    if len(entries) != 1:
+        raise ConfigError(
+            f"{key} has {len(entries)} entries; orpo_dist trains on one preference dataset: keep one entry "
+            "(or join the files into one)"
+        )
+    entry = entries[0]
+    if not isinstance(entry, dict):
+        return _set(cfg, "data_path", entry)
+    unknown = sorted(set(entry) - {"path", "split", "type"})
+    if "path" not in entry or unknown:
+        raise ConfigError(
+            f"{key}[0]={entry!r}: an entry takes path (a file, directory or hub dataset), split and type "
+            f"(ignored: the format is detected from the rows){'; not ' + ', '.join(unknown) if unknown else ''}"
+        )
+    _set(cfg, "data_path", entry["path"])
+    if entry.get("split"):
+        _set(cfg, "train_split", entry["split"])
+
+
+def _refuse_token(cfg: Config, value: Any, key: str) -> None:
+    """AutoTrain `--token`: refused; a secret on the command line ends up in shell history and logs."""
+    raise ConfigError(
+        f"--{key}: orpo_dist takes no secrets as options (they would land in shell history and logs); "
+        "set HF_TOKEN in the environment or run `hf auth login`"
+    )
+
+
+# Other tools' keys that are checked or translated, not stored: key -> (handler, is a boolean flag).
+OTHER_KEYS: dict[str, tuple[Callable[[Config, Any, str], None], bool]] = {
+    "trainer": (_only_orpo, False),
+    "rl": (_only_orpo, False),
+    "train": (_train_flag, True),
+    "adapter": (_adapter, False),
+    "datasets": (_datasets, False),
+    "token": (_refuse_token, False),
 }
 # Sections renamed since checkpoints were first written: an old `orpo_config.yaml` still loads.
 OLD_SECTIONS = {"lora": "peft"}
@@ -87,7 +168,7 @@ def canonical(key: str) -> str:
 
 
 def _unknown(key: str) -> ConfigError:
-    names = sorted(set(LEAVES) | set(ALIASES) | set(SWITCHES))
+    names = sorted(set(LEAVES) | set(ALIASES) | set(SWITCHES) | set(OTHER_KEYS))
     close = difflib.get_close_matches(key.lstrip("-").replace("-", "_"), names, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else " Run with --help for the list of keys."
     return ConfigError(f"unknown config key '{key}'.{hint}")
@@ -106,7 +187,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        errors = []
+        for arg in (a for a in args if a is not type(None)):  # `int | Literal["auto"]`: the first that fits
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e).removeprefix(f"{key}={value!r} "))
+        raise ConfigError(f"{key}={value!r} " + " and ".join(errors))
     if origin is Literal:
         if isinstance(value, bool) and "no" in args:  # `mixed_precision: false`
             value = "no"
@@ -151,13 +238,19 @@ def _resume(value: Any) -> str | None:
 
 def _set(cfg: Config, key: str, value: Any) -> None:
     leaf = canonical(key)
+    if leaf in OTHER_KEYS:
+        return OTHER_KEYS[leaf][0](cfg, value, leaf)
     if leaf in SWITCHES:
         target, chosen = SWITCHES[leaf]
-        if _coerce(value, bool, key):
+        if str(value).lower() != "auto" and _coerce(value, bool, key):  # Axolotl `bf16: auto`: leave it
             _set(cfg, target, chosen)
         return
     if leaf not in LEAVES:
         raise _unknown(key)
+    if isinstance(value, str):
+        value = VALUE_ALIASES.get(leaf, {}).get(value.lower(), value)
+        if leaf == "chat_template" and value.lower() in CHAT_TEMPLATES:
+            value = value.lower()
     if leaf == "eval_data_path" and isinstance(value, (int, float)) and not isinstance(value, bool):
         leaf = "eval_split"  # AutoTrain / Axolotl `valid_split: 0.05`: a fraction, not a path
     section, _ = LEAVES[leaf]
@@ -179,7 +272,7 @@ def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _is_bool_key(key: str) -> bool:
     leaf = canonical(key)
-    return leaf in SWITCHES or (leaf in HINTS and HINTS[leaf] is bool)
+    return leaf in SWITCHES or (leaf in HINTS and HINTS[leaf] is bool) or OTHER_KEYS.get(leaf, (0, False))[1]
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
@@ -199,13 +292,40 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
                 value, i = argv[i + 1], i + 1
             elif _is_bool_key(key):
                 value = "true"
-            elif canonical(key) not in LEAVES:
+            elif canonical(key) not in LEAVES and canonical(key) not in OTHER_KEYS:
                 raise _unknown(key)
             else:
                 raise ConfigError(f"--{key} needs a value")
         items.append((key, value))
         i += 1
     return items
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping, or a one-line ConfigError naming the file (and the line of a syntax error)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file (e.g. {p / 'run.yaml'})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
 
 
 def load_config(
@@ -215,10 +335,7 @@ def load_config(
     cfg = Config()
     items: list[tuple[str, Any]] = []
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        items += _flatten(data)
+        items += _flatten(read_yaml(path))
     if isinstance(overrides, dict):
         items += _flatten(overrides)
     elif overrides:
@@ -229,6 +346,9 @@ def load_config(
             _set(cfg, key, value)
         except ConfigError as e:
             errors.append(str(e))
+    d = cfg.data  # Axolotl `sequence_len: 256` alone: a prompt budget that fits
+    if d.max_prompt_length >= d.max_length and "max_prompt_length" not in {canonical(k) for k, _ in items}:
+        d.max_prompt_length = d.max_length // 2
     errors += problems(cfg)  # every problem at once: bad values and bad combinations
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))

@@ -15,15 +15,26 @@ from typing import Any, Literal, get_args
 import yaml
 
 Layout = Literal["padded", "packed", "shared_prefix"]
+Optim = Literal[
+    "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"
+]
 ExportFormat = Literal["merged_16bit", "gguf"]
 GgufQuant = Literal["q4_k_m", "q8_0", "f16"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 GGUF_QUANTS: tuple[str, ...] = get_args(GgufQuant)
+OPTIMIZERS: tuple[str, ...] = get_args(Optim)
+# `chat_template` names (templates.py holds the templates); anything else must be a .jinja file
+CHAT_TEMPLATES = ("tokenizer", "chatml", "zephyr", "llama3", "none")
 
 
 class ConfigError(ValueError):
     """Bad configuration: the message lists every problem with its value and the fix."""
+
+
+class SetupError(ConfigError, RuntimeError):
+    """A setting this machine or launch cannot honour (backend, kernels, process group), found at start-up:
+    exit 2 like any ConfigError; also a RuntimeError, as these were before."""
 
 
 @dataclass
@@ -47,28 +58,40 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     data_path: str = "builtin:case_rule"
-    """JSONL/JSON/CSV/Parquet file, a `save_to_disk` directory, a hub dataset, or `builtin:case_rule`."""
+    """JSONL/JSON/CSV/Parquet file, a directory holding train.jsonl|csv|parquet (AutoTrain), a `save_to_disk`
+    directory, a hub dataset, or `builtin:case_rule`."""
     train_split: str = "train"
-    """Split to read from a hub dataset or a DatasetDict directory."""
+    """Split to read from a hub dataset, a DatasetDict directory, or a directory's `<split>.jsonl|csv|parquet`."""
     prompt_column: str = "prompt"
+    """Column holding the prompt (absent: the implicit-prompt format, the shared prefix of chosen and rejected)."""
     chosen_column: str = "chosen"
+    """Column holding the preferred completion (text, or a list of messages)."""
     rejected_column: str = "rejected"
+    """Column holding the dispreferred completion (text, or a list of messages)."""
+    chat_template: str | None = "tokenizer"
+    """Template for conversational rows: `tokenizer` (its own), `chatml`, `zephyr`, `llama3`, `none` (plain
+    text) or a .jinja file; saved with the tokenizer in every checkpoint, final/ and export."""
     max_length: int = 1024
     """Max tokens of prompt + completion; longer pairs are truncated (prompt first, then completions)."""
     max_prompt_length: int = 512
-    """Prompts longer than this keep their last tokens."""
+    """Prompts longer than this keep their last tokens (unset and >= max_length: half of max_length)."""
     max_completion_length: int | None = None
     """Completions longer than this keep their first tokens (None: only `max_length` applies)."""
     eval_split: float = 0.1
     """Fraction of pairs held out for evaluation (0 = no eval)."""
     eval_data_path: str | None = None
-    """A separate evaluation file/dataset instead of a held-out fraction."""
+    """A separate evaluation file/dataset instead of a held-out fraction, or a split name of data_path (AutoTrain
+    `--valid-split NAME`: NAME.jsonl|csv|parquet beside train.*)."""
     skip_invalid: bool = False
     """Drop (and count) malformed rows instead of stopping with an error."""
     max_samples: int | None = None
     """Use only the first N pairs (quick experiments)."""
-    num_proc: int = 1
-    """Processes for tokenisation (`datasets.map`)."""
+    num_proc: int | Literal["auto"] = "auto"
+    """Processes that validate and tokenise; `auto`: min(CPU cores, 8) above 5000 pairs, else 1."""
+    cache_dir: str | None = None
+    """Tokenised cache (None: `<output_dir>/data_cache`); node-local (`$TMPDIR/orpo_cache`): one build per node."""
+    overwrite_cache: bool = False
+    """Rebuild the tokenised cache even when one with the same fingerprint exists."""
 
 
 @dataclass
@@ -89,8 +112,11 @@ class PeftConfig:
     use_peft: bool = False
     """Train LoRA adapters instead of all weights."""
     lora_r: int = 16
+    """LoRA rank."""
     lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
     lora_dropout: float = 0.05
+    """Dropout on the LoRA branch's input."""
     target_modules: str = "all-linear"
     """Comma-separated module names, or `all-linear`."""
     quantization: Literal["int4", "int8"] | None = None
@@ -100,13 +126,19 @@ class PeftConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/orpo"
+    """Where config.yaml, metrics.jsonl, checkpoints, final/, export/ and the report are written."""
     epochs: float = 1.0
+    """Passes over the training pairs (fractions allowed)."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run `epochs`)."""
     batch_size: int = 8
     """Pairs per device per micro-batch."""
     gradient_accumulation: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size x this x world size)."""
     lr: float = 5e-5
+    """Peak learning rate."""
+    optim: Optim = "adamw_torch"
+    """Optimizer, by its transformers name: torch AdamW (fused), bitsandbytes 8-bit / paged (CUDA) AdamW, Adafactor."""
     scheduler: Literal[
         "linear",
         "cosine",
@@ -116,23 +148,31 @@ class TrainConfig:
         "polynomial",
         "inverse_sqrt",
     ] = "linear"
+    """Learning-rate schedule (transformers' `get_scheduler`)."""
     warmup_ratio: float = 0.1
+    """Fraction of the steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
+    """Decoupled weight decay of the optimizer."""
     max_grad_norm: float = 1.0
     """Clip gradients to this norm (0 = no clipping)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`auto`: what the accelerate launch config says (`no` without one); else forces this."""
     seed: int = 42
+    """Seed of the data order, the eval split, LoRA init and dropout."""
     logging_steps: int = 10
+    """Log metrics every N optimizer steps (and at the last step)."""
     eval_steps: int | None = None
     """Evaluate every N optimizer steps (None: at the end of each epoch)."""
     save_steps: int | None = 500
     """Checkpoint every N optimizer steps (None: only at the end)."""
     save_total_limit: int | None = 2
-    """Keep this many step checkpoints (None: keep all)."""
+    """Keep this many step checkpoints (None: keep all; at least 1)."""
     log: Literal["none", "wandb", "tensorboard"] = "none"
+    """Tracker for the metrics (metrics.jsonl is always written); keys as TRL logs them (`train/loss`, ...)."""
     run_name: str | None = None
-    wandb_project: str = "orpo_dist"
+    """Tracker run name (wandb; None: wandb picks one)."""
+    wandb_project: str | None = None
+    """wandb project (None: $WANDB_PROJECT, else orpo_dist); the entity comes from $WANDB_ENTITY."""
     resume: str | None = None
     """`auto`: newest complete checkpoint in output_dir if any, else start fresh (use on SLURM);
     `latest` / `true`: that checkpoint, which must exist; or a checkpoint path."""
@@ -141,6 +181,13 @@ class TrainConfig:
     group_by_length: bool = False
     """Shard so ranks get similar token counts per step (fewer stragglers)."""
     eval_batch_size: int | None = None
+    """Pairs per device per evaluation micro-batch (None: batch_size)."""
+    dataloader_num_workers: int | Literal["auto"] = "auto"
+    """Processes that collate the next micro-batches during the step; `auto`: 2 on CUDA, 0 on CPU."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one accelerator for `mfu` (None: from the GPU's name; bf16 dense)."""
+    ddp_timeout: int = 1800
+    """Seconds a collective waits for a silent (hung or lost) rank before the job fails (gloo and NCCL)."""
     sequence_parallel_size: int = 1
     """Split each row along the sequence over this many ranks (DeepSpeed Ulysses); world = data-parallel x this."""
 
@@ -150,6 +197,11 @@ class ExportConfig:
     formats: list[ExportFormat] = field(default_factory=list)
     """At the end of training: any of `merged_16bit`, `gguf` (key `export`)."""
     gguf_quant: GgufQuant = "q4_k_m"
+    """GGUF quantisation type (llama.cpp)."""
+    push_to_hub: bool = False
+    """Upload the result to the Hugging Face Hub at the end (the export if any, else final/); needs a token."""
+    hub_model_id: str | None = None
+    """Hub repository for push_to_hub, `owner/name`."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 EMPTY_AFTER_TRUNCATION = "empty completion after truncation"
+IDENTICAL_AFTER_TOKENISATION = "chosen identical to rejected after tokenisation/truncation"
 
 
 class DataError(ValueError):
@@ -26,6 +27,7 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     format: str = ""
+    duplicates: int = 0  # rows that repeat an earlier row exactly (kept; held out together with it)
 
     def lines(self) -> list[str]:
         n_dropped = sum(self.dropped.values())
@@ -35,4 +37,10 @@ class DataReport:
             f"read {self.read} pairs, used {self.used_train} (train) + {self.used_eval} (eval), "
             f"dropped {n_dropped}" + (f": {reasons}" if reasons else ""),
             f"truncated {self.truncated} pairs (kept) to fit max_prompt_length / max_completion_length / max_length",
-        ]
+        ] + (
+            [
+                f"{self.duplicates} duplicate pairs (exact repeats of an earlier pair; kept, never split across train/eval)"
+            ]
+            if self.duplicates
+            else []
+        )

@@ -1,19 +1,27 @@
-"""Tokenisation and truncation, batched through `Dataset.map(num_proc=...)`.
+"""Tokenisation and truncation of normalised pairs, one chunk of pairs at a time (see `data.parallel`).
 
-Pairs whose completion has no tokens left are dropped and counted (they would be 0/0 in the loss).
+Pairs whose completion has no tokens left (0/0 in the loss) or whose chosen and rejected are identical
+after tokenisation (no preference signal) are dropped and counted. Each
+pair also gets its `length` (prompt + its longer completion), so length grouping reads one small column
+instead of every token id.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import datasets
-import numpy as np
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, DataReport
+from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, IDENTICAL_AFTER_TOKENISATION
 from orpo_dist.data.rows import COLUMNS
 
 TOKEN_FEATURES = datasets.Features(
-    {"id": datasets.Value("int64"), **{f"{c}_ids": datasets.List(datasets.Value("int64")) for c in COLUMNS}}
+    {
+        "id": datasets.Value("int64"),
+        **{f"{c}_ids": datasets.List(datasets.Value("int32")) for c in COLUMNS},
+        "length": datasets.Value("int32"),
+    }
 )
 
 
@@ -37,7 +45,7 @@ def truncate_pair(
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str, list]:
-    """Batched map: ids for prompt (with BOS unless the template already wrote it) and completions (+EOS)."""
+    """Ids for prompts (with BOS unless the template already wrote it) and completions (+EOS), truncated."""
     bos, eos_id = tokenizer.bos_token, tokenizer.eos_token_id
     has_bos = [bool(bos) and p.startswith(bos) for p in batch["prompt"]]
     prompts: list[list[int]] = [[] for _ in has_bos]
@@ -52,32 +60,29 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [row + [eos_id] if eos_id is not None and row[-1:] != [eos_id] else row for row in ids]
 
-    out: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "truncated", "empty")}
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "truncated", "empty", "identical")
+    out: dict[str, list] = {k: [] for k in keys}
     for p, c, r in zip(prompts, completions(batch["chosen"]), completions(batch["rejected"])):
         p, c, r, cut = truncate_pair(p, c, r, cfg)
-        for key, value in zip(out, (p, c, r, cut, not c or not r)):
+        for key, value in zip(out, (p, c, r, cut, not c or not r, c == r)):
             out[key].append(value)
     return out
 
 
 def tokenize_pairs(
-    texts: dict[str, list], tokenizer, cfg: DataConfig, report: DataReport
-) -> datasets.Dataset:
+    texts: dict[str, list], tokenizer, cfg: DataConfig, dropped: Counter
+) -> tuple[dict[str, list], int]:
+    """Columns of TOKEN_FEATURES for a chunk of normalised pairs, and how many kept pairs were truncated."""
+    columns: dict[str, list] = {k: [] for k in TOKEN_FEATURES}
     if not texts["id"]:
-        return datasets.Dataset.from_dict({k: [] for k in TOKEN_FEATURES}, features=TOKEN_FEATURES)
-    ds = datasets.Dataset.from_dict(texts)
-    ds = ds.map(
-        _tokenize_batch,
-        batched=True,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 and len(ds) > cfg.num_proc else None,
-        remove_columns=list(COLUMNS),
-        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
-        desc="Tokenizing pairs",
-    )
-    empty = np.asarray(ds["empty"], dtype=bool)
-    truncated = np.asarray(ds["truncated"], dtype=bool)
-    report.truncated += int((truncated & ~empty).sum())
-    if empty.any():
-        report.dropped[EMPTY_AFTER_TRUNCATION] += int(empty.sum())
-        ds = ds.select(np.flatnonzero(~empty))
-    return ds.remove_columns(["truncated", "empty"])
+        return columns, 0
+    out = _tokenize_batch(texts, tokenizer, cfg)
+    truncated = 0
+    for pair_id, p, c, r, cut, empty, identical in zip(texts["id"], *out.values()):
+        if empty or identical:  # 0/0 in the loss, or no preference signal left
+            dropped[EMPTY_AFTER_TRUNCATION if empty else IDENTICAL_AFTER_TOKENISATION] += 1
+            continue
+        truncated += cut
+        for key, value in zip(columns, (pair_id, p, c, r, len(p) + max(len(c), len(r)))):
+            columns[key].append(value)
+    return columns, truncated

@@ -1,0 +1,187 @@
+"""The training report: `report.png` (curves) and `report.md` (summary), drawn from `metrics.jsonl`.
+
+    python -m orpo_dist.report OUTPUT_DIR     # redraw at any time, also while the run is training
+
+Rank 0 writes both at the end of training. report.png has one panel per curve (loss, nll_loss,
+log_odds_ratio, rewards/margins, train and held-out preference accuracy, learning rate) against the
+optimizer step, held-out evaluations marked as points. report.md has the held-out preference accuracy
+before -> after, the final train and held-out metrics, tokens/s, wall time, peak memory and the key
+settings from config.yaml. report.md needs nothing extra; report.png needs matplotlib
+(`pip install 'orpo-dist[report]'`): without it the PNG is skipped with a line saying so, and training
+never fails because of the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+# (panel title, train key, held-out key)
+PANELS = (
+    ("loss", "loss", "eval_loss"),
+    ("nll_loss", "nll_loss", "eval_nll_loss"),
+    ("log_odds_ratio", "log_odds_ratio", "eval_log_odds_ratio"),
+    ("rewards/margins", "rewards/margins", "eval_rewards/margins"),
+    ("preference accuracy (rewards/accuracies)", "rewards/accuracies", "eval_rewards/accuracies"),
+    ("learning_rate", "learning_rate", None),
+)
+FINAL_KEYS = (
+    "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
+    "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+)  # fmt: skip
+SETTINGS = (
+    ("model", "model"), ("data", "data_path"), ("data", "chat_template"), ("orpo", "layout"),
+    ("orpo", "beta"), ("peft", "use_peft"), ("peft", "lora_r"), ("peft", "quantization"), ("train", "optim"),
+    ("train", "lr"), ("train", "scheduler"), ("train", "batch_size"), ("train", "gradient_accumulation"),
+    ("train", "epochs"), ("train", "max_steps"), ("data", "max_length"), ("train", "mixed_precision"),
+    ("train", "seed"),
+)  # fmt: skip
+INSTALL_HINT = "pip install 'orpo-dist[report]' (matplotlib)"
+
+
+def read_rows(out: Path) -> list[dict]:
+    """metrics.jsonl rows by step; a line still being written (training in progress) is skipped, and a
+    later row of the same step and kind replaces an earlier one (a resumed run redoes the steps after
+    its checkpoint)."""
+    latest: dict[tuple[int, bool], dict] = {}
+    path = Path(out) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        latest[(row["step"], "eval_loss" in row)] = row
+    return [latest[key] for key in sorted(latest)]
+
+
+def _series(rows: list[dict], key: str | None) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if key and key in r]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def figure(rows: list[dict], title: str):
+    """A matplotlib Figure with one panel per curve (no pyplot: nothing global is touched)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 8.5), dpi=100)
+    axes = fig.subplots(2, 3)
+    for ax, (name, train_key, eval_key) in zip(axes.flat, PANELS):
+        steps, values = _series(rows, train_key)
+        ax.plot(steps, values, color="tab:blue", marker=".", label="train")
+        steps, values = _series(rows, eval_key)
+        if steps:
+            ax.plot(
+                steps, values, color="tab:orange", marker="o", markersize=7, linestyle="--", label="held-out"
+            )
+        ax.set_title(name)
+        if train_key == "rewards/accuracies":
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def summary(rows: list[dict], config: dict, out: Path) -> str:
+    """report.md: before -> after held-out accuracy, final metrics, speed, time, memory, settings."""
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    lines = [f"# ORPO training report: {out.resolve()}", ""]
+    lines += [f"From metrics.jsonl ({len(rows)} rows, last step {rows[-1]['step'] if rows else 0}), "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Curves: [report.png](report.png).", ""]  # fmt: skip
+    lines += ["## Held-out preference accuracy", ""]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        lines.append(
+            f"**{first['eval_rewards/accuracies']:.3f} before** (step {first['step']}) -> "
+            f"**{last['eval_rewards/accuracies']:.3f} after** (step {last['step']})"
+        )
+    elif evals:
+        lines.append(f"{evals[0]['eval_rewards/accuracies']:.3f} at step {evals[0]['step']} (one evaluation)")
+    else:
+        lines.append("no held-out evaluation (eval_split: 0 and no eval_data_path)")
+    lines += [
+        "",
+        "## Final metrics",
+        "",
+        "| metric | train (last logged window) | held-out (last eval) |",
+        "|---|---|---|",
+    ]
+    for key in FINAL_KEYS:
+        t = _fmt(train[-1][key]) if train and key in train[-1] else ""
+        e = _fmt(evals[-1][f"eval_{key}"]) if evals and f"eval_{key}" in evals[-1] else ""
+        lines.append(f"| `{key}` | {t} | {e} |")
+    lines += ["", "## Run", "", "| | |", "|---|---|"]
+    if train:
+        speeds = [r["tokens_per_second"] for r in train if "tokens_per_second" in r]
+        last = train[-1]
+        lines.append(f"| steps | {last['step']} (epoch {_fmt(last.get('epoch', 0.0))}) |")
+        if speeds:
+            lines.append(
+                f"| tokens/s (mean of logged windows, all ranks) | {sum(speeds) / len(speeds):,.0f} |"
+            )
+        if "train_runtime" in last:
+            lines.append(f"| wall time (training, this process) | {_duration(last['train_runtime'])} |")
+        if "peak_memory_gb" in last:
+            lines.append(
+                f"| peak memory (rank 0: CUDA allocated, else RSS) | {last['peak_memory_gb']:.2f} GB |"
+            )
+    lines += ["", "## Key settings (config.yaml)", "", "| key | value |", "|---|---|"]
+    for section, key in SETTINGS:
+        if key in config.get(section, {}):
+            lines.append(f"| `{key}` | `{config[section][key]}` |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, say=print) -> list[Path]:
+    """Write report.md and (with matplotlib) report.png into `out`; returns what was written."""
+    out = Path(out)
+    rows = read_rows(out)
+    config_path = out / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    written = [out / "report.md"]
+    written[0].write_text(summary(rows, config or {}, out))
+    if importlib.util.find_spec("matplotlib") is None:
+        say(
+            f"report.png skipped: matplotlib is not installed; {INSTALL_HINT}, then python -m orpo_dist.report {out}"
+        )
+    else:
+        model = (config or {}).get("model", {}).get("model", "")
+        figure(rows, f"ORPO: {model}  ({out.name})").savefig(out / "report.png")
+        written.append(out / "report.png")
+    say(f"report: {', '.join(str(p) for p in written)}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orpo_dist.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", help="a run's output_dir (holding metrics.jsonl)")
+    args = parser.parse_args(argv)
+    if not (Path(args.output_dir) / "metrics.jsonl").is_file():
+        print(
+            f"orpo_dist: {args.output_dir}/metrics.jsonl not found: pass a run's output_dir", file=sys.stderr
+        )
+        return 2
+    write_report(args.output_dir, say=lambda msg: print(f"[orpo_dist] {msg}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

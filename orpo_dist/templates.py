@@ -1,0 +1,77 @@
+"""Chat templates: the tokenizer's own, a named one (chatml, zephyr, llama3), plain text, or a .jinja file.
+
+`chat_template` is set on the tokenizer once, before any row is rendered, so the same template renders
+the training pairs (data/rows.py, through `trl.data_utils`) and is saved with the tokenizer into every
+checkpoint's `model/`, `final/` and the export (`chat_template.jinja`): the trained model chats with the
+template it learned. `example_lines` shows one tokenised training pair at start, with the prompt /
+completion boundary marked, so a template mistake is seen before hours of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The formats as their models ship them (Qwen / OpenHermes ChatML, HuggingFaceH4 Zephyr, Meta Llama 3).
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ZEPHYR = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+PLAIN = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"  # `none`: text, one line each
+NAMED = {"chatml": CHATML, "zephyr": ZEPHYR, "llama3": LLAMA3}
+MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+}
+BOUNDARY = "▶"  # marks where the completion starts in the logged example
+
+
+def set_chat_template(tokenizer, setting: str | None, say=print) -> None:
+    """Put the configured template on the tokenizer (`tokenizer` keeps its own; None is `none`)."""
+    if setting == "tokenizer":
+        return
+    if setting is None:
+        tokenizer.chat_template = PLAIN
+    elif setting in NAMED:
+        tokenizer.chat_template = NAMED[setting]
+        missing = [m for m in MARKERS.get(setting, ()) if m not in tokenizer.get_vocab()]
+        if missing:
+            say(
+                f"chat_template {setting}: {', '.join(missing)} are not tokens of this tokenizer; "
+                "the model learns them as ordinary text"
+            )
+    else:
+        tokenizer.chat_template = Path(setting).expanduser().read_text()
+
+
+def _show(text: str) -> str:
+    return text.replace("\n", "\\n")
+
+
+def example_lines(dataset, tokenizer, setting: str | None, data_format: str, width: int = 300) -> list[str]:
+    """One tokenised training pair decoded back to text, completion after ▶ (long prompts show their end)."""
+    if dataset is None or len(dataset) == 0:
+        return []
+    pair = dataset[0]
+    prompt, chosen, rejected = (
+        tokenizer.decode(pair[f"{k}_ids"], skip_special_tokens=False)
+        for k in ("prompt", "chosen", "rejected")
+    )
+    prompt = prompt if len(prompt) <= width else "…" + prompt[-width:]
+    chosen, rejected = (c if len(c) <= width else c[:width] + "…" for c in (chosen, rejected))
+    name = "none (plain text)" if setting is None else setting
+    applied = "applied" if data_format.startswith("conversational") else "not applied: the rows are text"
+    return [
+        f"chat_template: {name} ({applied}); training pair {pair['id']} as the model sees it, "
+        f"completion after {BOUNDARY}:",
+        f"  chosen:   {_show(prompt)}{BOUNDARY}{_show(chosen)}",
+        f"  rejected: …{BOUNDARY}{_show(rejected)}",
+    ]
