@@ -6,6 +6,7 @@ Nothing here downloads: the hub is unreachable in CI and on developer machines.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from helpers import OFFLINE_ENV
@@ -15,6 +16,19 @@ for _key, _value in OFFLINE_ENV.items():
 # Tiny models gain nothing from threads, and the multi-process tests put 2 ranks on 2 cores: one
 # intra-op thread per process (inherited by launched subprocesses) avoids oversubscription stalls.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed on CPU JIT-builds its shared-memory all-reduce op (torch cpp_extension) and takes a file lock,
+# `<TORCH_EXTENSIONS_DIR>/<op>/lock`, on every load. A rank killed while it holds the lock (the kill,
+# preemption and lost-rank tests kill ranks at any moment) leaves it behind, and every later DeepSpeed
+# start then sleeps on it forever. The op is built once per session, before any test can kill a builder,
+# and a lock left behind by a test is removed after it.
+EXTENSIONS = Path(
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_dist_torch_ext"))
+)
+
+
+def _remove_stale_extension_locks() -> None:
+    for lock in EXTENSIONS.glob("*/lock"):
+        lock.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -22,6 +36,23 @@ def _one_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deepspeed_cpu_op_built():
+    _remove_stale_extension_locks()  # from an earlier session that was killed
+    try:
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
+    except Exception:  # noqa: BLE001 - no DeepSpeed or no compiler: the DeepSpeed tests say so themselves
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_extension_lock():
+    yield
+    _remove_stale_extension_locks()
 
 
 @pytest.fixture(scope="session")
