@@ -226,15 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     try:
-        result = export(
-            args.checkpoint,
-            args.out,
-            formats,
-            args.quant,
-            args.dtype,
-            args.base_model,
-            args.trust_remote_code,
-        )
+        result = export(args.checkpoint, args.out, formats, gguf_quant=args.quant, dtype=args.dtype,
+                        base_model=args.base_model, trust_remote_code=args.trust_remote_code)  # fmt: skip
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1

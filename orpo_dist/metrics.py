@@ -25,6 +25,11 @@ from orpo_dist.loss import PAIR_METRICS, OrpoParts
 from orpo_dist.throughput import FlopsModel
 from orpo_dist.trackers import Tracker
 
+# metrics of the machine and the moment, not of the training: never equal in two runs of the same steps
+WALL_CLOCK_KEYS = frozenset(
+    {"tokens_per_second", "data_wait_seconds", "mfu", "train_runtime", "peak_memory_gb"}
+)
+
 
 def step_sums(parts: OrpoParts, batch: dict, beta: float) -> dict[str, torch.Tensor]:
     """What one micro-batch adds to a window: per-pair metric sums plus the loss sums and counts."""

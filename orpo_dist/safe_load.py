@@ -8,7 +8,7 @@ executing it:
 
 - torch zip archives (`*.bin`, `*.pt`, `*.pkl` from `torch.save`): `torch.serialization.
   get_unsafe_globals_in_checkpoint` lists the globals the pickle would import, statically; anything
-  outside torch's weights-only set and `SAFE_GLOBALS` (numpy RNG arrays, two DeepSpeed data classes)
+  outside torch's weights-only set and `SAFE_GLOBALS` (numpy RNG arrays, a few DeepSpeed data classes)
   refuses the checkpoint;
 - DCP `.metadata`: unpickled with a `find_class` allowlist of DCP's own metadata classes, then each
   non-tensor item it points to is scanned like a torch archive;
@@ -44,6 +44,8 @@ SAFE_GLOBALS = {
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
+    # ZeRO-1/2's param_slice_mappings: a dataclass of two ints (numel, start)
+    "deepspeed.utils.tensor_fragment.fragment_address",
 }
 TEXT_FILES = re.compile(r"^(latest|latest_universal|.*\.(json|py|txt|md|yaml))$")
 ZIP_MAGIC, SAFETENSORS_MIN = b"PK\x03\x04", 8

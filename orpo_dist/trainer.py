@@ -74,6 +74,8 @@ class Trainer:
         if accelerator.is_main_process:
             cfg.save(self.out / "config.yaml")
         self.say(describe(accelerator, cfg))
+        if t.resume == "auto" and not self.resume_point:
+            self.say("resume: auto found no checkpoint; starting fresh")
 
         # downloads and the built-in model are made once, by rank 0 first; the tokenised data once per
         # job (per node with a node-local cache_dir), memory-mapped by every rank

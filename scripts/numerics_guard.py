@@ -26,13 +26,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from orpo_dist.metrics import WALL_CLOCK_KEYS
+
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "tests" / "numerics" / "baseline.json"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 QUICKSTART = REPO / "orpo_dist" / "presets" / "quickstart.yaml"
 ACCEL = REPO / "configs" / "accelerate"
-# wall clock or machine-dependent: never equal twice
-TIMING_KEYS = {"tokens_per_second", "data_wait_seconds", "mfu", "train_runtime", "peak_memory_gb"}
+TIMING_KEYS = WALL_CLOCK_KEYS  # wall clock or machine-dependent: never equal twice
 LAYOUTS = ("padded", "packed", "shared_prefix")
 LAYOUT_ARGS = ["--eval_split", "0.2", "--eval_on_start", "true", "--max_samples", "40", "--eval_steps", "4"]
 

@@ -76,6 +76,7 @@ def run_process(cmd: list[str], env: dict[str, str], cwd: Path, timeout: int = 6
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        errors="replace",  # ranks share the pipe: never fail a test on a split character
         start_new_session=True,
     )
     try:

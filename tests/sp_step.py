@@ -2,7 +2,7 @@
 
     [accelerate launch ...] tests/sp_step.py OUT_DIR --config tests/configs/tiny.yaml [--key value ...]
 
-Runs `orpo_dist.trainer.Trainer(cfg).train()` (the launch decides the world and the strategy), with two
+Runs `orpo_dist.trainer.Trainer(cfg, preempt).train()` (the launch decides the world and the strategy), with two
 taps that change nothing: the full gradient of every trainable parameter at the moment the first optimizer
 step starts (after accumulation and the reduction over ranks; `deepspeed.utils.safe_get_full_grad` under
 ZeRO), and the pair ids of every step's micro-batches. Each rank writes OUT_DIR/rank<r>.pt: its world size,
@@ -19,14 +19,18 @@ from pathlib import Path
 import torch
 
 from orpo_dist.cli import parse
-from orpo_dist.distributed import data_parallel
+from orpo_dist.distributed import Preemption, data_parallel
 from orpo_dist.sequence_parallel import slice_of
 from orpo_dist.trainer import Trainer
 
 
 def run(out: Path, argv: list[str]) -> dict:
     cfg, _ = parse(argv)
-    trainer = Trainer(cfg)
+    with Preemption() as preempt:
+        return _run(out, Trainer(cfg, preempt))
+
+
+def _run(out: Path, trainer: Trainer) -> dict:
     accelerator = trainer.accelerator
     model = accelerator.unwrap_model(trainer.model)
     engine_optimizer = getattr(trainer.model, "optimizer", None)  # DeepSpeed steps its ZeRO optimizer itself

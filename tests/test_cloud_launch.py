@@ -280,7 +280,7 @@ def wait(started, timeout: float = TIMEOUT) -> list[tuple[int, str]]:
     for _, p, _ in started:
         if p.poll() is None:
             kill_node(p)
-    results = [(p.returncode, log.read_text()) for _, p, log in started]
+    results = [(p.returncode, log.read_text(errors="replace")) for _, p, log in started]
     if hung:
         elapsed = time.monotonic() - t0
         pytest.fail(

@@ -24,6 +24,7 @@ from orpo_dist.layouts import (
     shared_prefix_attention_mask,
 )
 from orpo_dist.loss import batch_counts
+from orpo_dist.metrics import WALL_CLOCK_KEYS
 
 LAYOUTS = ["packed", "shared_prefix"]
 SCOPES = ["prompt_completion", "completion"]
@@ -191,8 +192,7 @@ def test_training_run_is_the_same_in_every_layout(tmp_path):
         run = tiny_run(tmp_path / layout, max_samples=96, eval_split=0.2, eval_on_start=True, batch_size=8,
                        gradient_accumulation=1, max_steps=6, logging_steps=2, save_steps=None, seed=0, layout=layout)  # fmt: skip
         result = orpo_dist.train(run)
-        wall_clock = ("tokens_per_second", "train_runtime", "peak_memory_gb")
-        rows[layout] = [{k: v for k, v in r.items() if k not in wall_clock} for r in result.metrics]
+        rows[layout] = [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in result.metrics]
     assert len(rows["padded"]) >= 4
     for layout in LAYOUTS:
         for got, want in zip(rows[layout], rows["padded"], strict=True):

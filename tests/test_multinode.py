@@ -62,7 +62,7 @@ def run_nodes(script: str, envs: list[dict[str, str]], args: list[str], cwd: Pat
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    return [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+    return [(p.returncode, log.read_text(errors="replace")) for p, log in zip(procs, logs)]
 
 
 @pytest.mark.parametrize(

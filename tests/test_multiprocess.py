@@ -46,7 +46,9 @@ class Run:
     out: Path
     rows: list[dict]  # metrics.jsonl rows written by this launch
     trace: list[dict]  # every rank's {rank, world_size, step, ids}
-    data: dict[int, dict]  # rank -> {rank, built, directory}: whether it tokenised or memory-mapped the cache
+    data: dict[int, dict] = field(
+        default_factory=dict
+    )  # rank -> {rank, built, directory}: tokenised or memory-mapped
     resumed_from: Run | None = field(default=None, repr=False)
 
     def check_ok(self) -> None:

@@ -102,9 +102,10 @@ def test_a_resume_that_cannot_continue_is_refused_with_the_numbers(copy, tiny_mo
     for needle in needles:
         assert needle in msg, (needle, msg)
     assert "\n" not in msg
+    # nothing of the run is touched (the tokenised cache may gain an entry for the other data)
     after = file_digests(copy)
-    assert {k: v for k, v in after.items() if k != "config.yaml"} == {
-        k: v for k, v in before.items() if k != "config.yaml"
+    assert {k: v for k, v in after.items() if k != "config.yaml" and not k.startswith("data_cache/")} == {
+        k: v for k, v in before.items() if k != "config.yaml" and not k.startswith("data_cache/")
     }
 
 
@@ -422,5 +423,5 @@ def test_export_takes_trust_remote_code_only_from_its_command_line(tmp_path, tin
     assert ex.main(["--checkpoint", str(ckpt), "--format", "merged_16bit", "--out", str(tmp_path / "b"),
                     "--trust-remote-code"]) == 0  # fmt: skip
     assert seen == [False, True]
-    merged = load_file(tmp_path / "a" / "merged" / "model.safetensors")
+    merged = load_file(tmp_path / "a" / "model.safetensors")
     assert merged and all(torch.isfinite(t).all() for t in merged.values())
