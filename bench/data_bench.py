@@ -144,6 +144,7 @@ def data_child(args) -> None:
 def train_child(args) -> None:
     """A short 2-rank training run; records each logging window's seconds and data wait on every rank."""
     from orpo_dist.config import load_config
+    from orpo_dist.distributed import Preemption
     from orpo_dist.metrics import MetricsLog
     from orpo_dist.trainer import Trainer
 
@@ -159,7 +160,7 @@ def train_child(args) -> None:
                              "cache_dir": args.cache_dir, "eval_split": 0, "eval_on_start": False,
                              "max_steps": args.train_steps, "logging_steps": 1, "save_steps": None,
                              "batch_size": 4, "dataloader_num_workers": args.workers[0]})  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, Preemption())  # not entered: no signal handlers in a benchmark
     trainer.train()
     rank = trainer.accelerator.process_index
     with open(args.result, "a") as f:

@@ -46,12 +46,13 @@ def _status(field: str) -> int:
 def child(out: Path, argv: list[str]) -> None:
     """One rank: build the trainer, reset the peak, run one optimizer step, record the memory."""
     from orpo_dist.cli import parse
+    from orpo_dist.distributed import Preemption
     from orpo_dist.metrics import MetricWindow
     from orpo_dist.sequence_parallel import slice_of
     from orpo_dist.trainer import Trainer
 
     cfg, _ = parse(argv)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, Preemption())  # not entered: no signal handlers in a benchmark
     batches = next(trainer.loader.steps(0, 0))
     trainer.accelerator.wait_for_everyone()
     before = _status("VmRSS")

@@ -197,7 +197,7 @@ class Preemption:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self, already: Callable[[], bool] | None = None):
-        self.already = already
+        self.already, self.requested = already, False  # not entered (a benchmark): no handlers, never stops
 
     def __enter__(self):
         self.requested = False
