@@ -178,24 +178,21 @@ def export(
         merged_dir = tempfile.mkdtemp(prefix=".merged-", dir=out)
     try:
         merged = merge_to_16bit(checkpoint, merged_dir or out, dtype, base_model, trust_remote_code)
-    except BaseException:
-        if not keep:
+        result: dict[str, Path] = {"merged_16bit": merged} if keep else {}
+        if "gguf" in formats:
+            try:
+                result["gguf"] = to_gguf(merged, out / f"model-{gguf_quant}.gguf", gguf_quant)
+            except Exception as e:
+                if not keep:  # the temporary merge outlives the failed step under a plain name
+                    shutil.rmtree(out / "merged", ignore_errors=True)
+                    merged = Path(merged).rename(out / "merged")
+                raise ExportError(
+                    f"GGUF export failed ({type(e).__name__}: {e}); the merged 16-bit model is kept in {merged} "
+                    f"(retry: python -m orpo_dist.export --checkpoint {merged} --format gguf --out {out})"
+                ) from e
+    finally:
+        if not keep:  # gone already when a failed GGUF step moved it to out/merged
             shutil.rmtree(merged_dir, ignore_errors=True)
-        raise
-    result: dict[str, Path] = {"merged_16bit": merged} if keep else {}
-    if "gguf" in formats:
-        try:
-            result["gguf"] = to_gguf(merged, out / f"model-{gguf_quant}.gguf", gguf_quant)
-        except Exception as e:
-            if not keep:  # the temporary merge outlives the failed step under a plain name
-                shutil.rmtree(out / "merged", ignore_errors=True)
-                merged = Path(merged).rename(out / "merged")
-            raise ExportError(
-                f"GGUF export failed ({type(e).__name__}: {e}); the merged 16-bit model is kept in {merged} "
-                f"(retry: python -m orpo_dist.export --checkpoint {merged} --format gguf --out {out})"
-            ) from e
-    if not keep:
-        shutil.rmtree(merged_dir, ignore_errors=True)
     return result
 
 

@@ -7,7 +7,6 @@ node with a node-local cache_dir) are in test_multiprocess.py and test_multinode
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +34,6 @@ class SoloAccelerator:
     """What tokenised_datasets asks of an accelerator, for one process (the 2-rank runs use the real one)."""
 
     num_processes, process_index, is_main_process, is_local_main_process = 1, 0, True, True
-    main_process_first = local_main_process_first = staticmethod(contextlib.nullcontext)
     wait_for_everyone = staticmethod(lambda: None)
 
 

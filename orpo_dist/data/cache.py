@@ -9,9 +9,10 @@ and mtime; every file of a directory; a hub dataset's fingerprint; a builtin's n
 (its saved files and its chat template).
 
 A build is written to `.tmp-<key>-...` and renamed into place, so a crash never leaves a partial cache
-under the key. Who builds: the global main process, while the other ranks wait at the barrier of
-`main_process_first` and then memory-map what it wrote. A rank that does not see that cache (a node-local
-`cache_dir`) waits for its node's local main process, which builds the same thing on that node. With
+under the key. Who builds: the global main process, while the other ranks wait at a barrier
+(`distributed.agreed_start`, first="main", so a bad row stops every rank instead of leaving them waiting)
+and then memory-map what it wrote. A rank that does not see that cache (a node-local `cache_dir`) waits
+for its node's local main process (first="local"), which builds the same thing on that node. With
 `overwrite_cache: true` the main process's build carries a fresh build id, broadcast to every rank, so
 no rank takes an older copy.
 """
