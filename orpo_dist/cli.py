@@ -25,7 +25,7 @@ USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ..
 
 Keys may be written --key value, --key=value, with dashes or underscores; boolean keys work bare
 (--peft). AutoTrain / TRL / Axolotl / Unsloth names are accepted (--project-name, --dpo-beta,
---learning_rate, --load_in_4bit, ...). See README.md for the table.
+--learning_rate, --load_in_4bit, ...). The full table: docs/options.md.
 With no arguments at all, or --config quickstart: the built-in quickstart preset. Otherwise the
 documented defaults, then the --config file, then the flags.
 --version prints the versions of orpo_dist and the libraries it trains with.

@@ -3,7 +3,7 @@ linear layers), COMPUTED on CPU: the trainable LoRA shapes come from PEFT on a m
 weights), and each optimizer's state bytes are measured by running one real step of that optimizer on one
 decoder layer's LoRA matrices, then multiplied by the number of layers.
 
-    python scripts/optim_memory.py            # prints README's table
+    python scripts/optim_memory.py            # prints docs/one-gpu.md's optimizer table
 
 Paged optimizers keep the same bytes, in CUDA unified memory that is paged out to CPU RAM when the GPU
 runs short (bitsandbytes falls back to ordinary tensors on CPU, so the sizes here are the same).

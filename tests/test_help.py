@@ -1,4 +1,4 @@
-"""Help and logs that help: `--help` describes every key, README's table is the same source, `--version`,
+"""Help and logs that help: `--help` describes every key, docs/options.md's table is the same source, `--version`,
 the start log says what was built, and the progress bar shows loss and accuracy from the first step."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_help_lists_every_key_with_default_choices_aliases_and_description():
 def test_readme_key_table_is_generated_from_the_config():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "readme_keys.py"), "--check"], env=launch_env(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, "README.md's key table is stale: run python scripts/readme_keys.py"
+    assert proc.returncode == 0, "docs/options.md key table is stale: run python scripts/options_doc.py"
 
 
 def test_version_prints_the_package_and_its_libraries():

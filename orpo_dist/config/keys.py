@@ -1,8 +1,8 @@
-"""Every key described from one source: `--help`, and README's key table (tests/test_help.py checks it).
+"""Every key described from one source: `--help`, and docs/options.md's key table (tests/test_help.py checks it).
 
 A key's description is the docstring under its field in schema.py, read with `ast`; its default and
 choices come from the dataclass, and the other tools' names from load.py's ALIASES, SWITCHES and
-OTHER_KEYS. Regenerate README's table with `python scripts/readme_keys.py`.
+OTHER_KEYS. Regenerate docs/options.md's table with `python scripts/options_doc.py`.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _cell(text: str) -> str:
 
 
 def markdown_table() -> str:
-    """README's key table."""
+    """docs/options.md's key table."""
     rows = ["| key | section | default | choices | also accepted | meaning |", "|---|---|---|---|---|---|"]
     for k in keys():
         choices = ", ".join(f"`{c}`" for c in k.choices)
