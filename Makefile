@@ -1,9 +1,11 @@
 # The README's commands.
-.PHONY: quickstart test lint bench
+.PHONY: quickstart test test-fast lint bench
 quickstart:
 	bash scripts/quickstart.sh
 test:
 	bash scripts/test.sh
+test-fast:
+	.venv/bin/python -m pytest
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 bench:

@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a clean clone without installing
+from orpo_dist.cpu_launch import accelerate_cmd, cpu_env  # noqa: E402
+
 DATA = dict(max_length=512, max_prompt_length=256, eval_split=0.01, seed=1, model="builtin:tiny")
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1", "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the data file
@@ -144,16 +145,16 @@ def data_child(args) -> None:
 def train_child(args) -> None:
     """A short 2-rank training run; records each logging window's seconds and data wait on every rank."""
     from orpo_dist.config import load_config
-    from orpo_dist.distributed import Preemption
     from orpo_dist.metrics import MetricsLog
+    from orpo_dist.preemption import Preemption
     from orpo_dist.trainer import Trainer
 
     windows = []
     log_train = MetricsLog.log_train
 
-    def record(self, window, beta, seconds, data_wait, **fields):
+    def record(self, window, seconds, data_wait, **fields):
         windows.append((seconds, data_wait))
-        return log_train(self, window, beta, seconds, data_wait, **fields)
+        return log_train(self, window, seconds, data_wait, **fields)
 
     MetricsLog.log_train = record
     cfg = load_config(None, {**DATA, "data_path": args.data, "output_dir": args.output_dir,
@@ -173,13 +174,12 @@ def train_child(args) -> None:
 def launch(args, mode: str, ranks: int, result: Path, code: Path, **kw) -> list[dict]:
     extra = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     script = [str(Path(__file__).resolve()), f"--child={mode}", f"--result={result}", *extra]
-    env = {**os.environ, **ENV, "PYTHONPATH": str(code)}
+    env = cpu_env(code)
     if ranks == 1:
         cmd = [sys.executable, *script]
     else:
         env["ACCELERATE_USE_CPU"] = "true"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
-               "--mixed_precision", "no", "--main_process_port", str(free_port()), *script]  # fmt: skip
+        cmd = accelerate_cmd(ranks, "--multi_gpu", *script)
     result.unlink(missing_ok=True)
     proc = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
@@ -188,14 +188,6 @@ def launch(args, mode: str, ranks: int, result: Path, code: Path, **kw) -> list[
     assert sorted(r["rank"] for r in rows) == list(range(ranks)), rows
     assert all(r.get("code", str(code)) == str(code) for r in rows), (rows, code)  # the code asked for ran
     return sorted(rows, key=lambda r: r["rank"])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export_ref(ref: str, into: Path) -> Path:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clean clone without installing
+from orpo_dist.cpu_launch import accelerate_cmd, cpu_env  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -46,8 +47,8 @@ def _status(field: str) -> int:
 def child(out: Path, argv: list[str]) -> None:
     """One rank: build the trainer, reset the peak, run one optimizer step, record the memory."""
     from orpo_dist.cli import parse
-    from orpo_dist.distributed import Preemption
     from orpo_dist.metrics import MetricWindow
+    from orpo_dist.preemption import Preemption
     from orpo_dist.sequence_parallel import slice_of
     from orpo_dist.trainer import Trainer
 
@@ -57,11 +58,11 @@ def child(out: Path, argv: list[str]) -> None:
     trainer.accelerator.wait_for_everyone()
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    window, start = MetricWindow(), time.perf_counter()
+    window, start = MetricWindow(cfg.orpo.beta), time.perf_counter()
     trainer.optimizer_step(batches, window)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
-    metrics = window.reduce(trainer.accelerator, cfg.orpo.beta)
+    metrics = window.reduce(trainer.accelerator)
     sp_rank, sp = slice_of(trainer.accelerator)
     row = {
         "rank": trainer.accelerator.process_index,
@@ -92,13 +93,8 @@ def run_size(args, sp: int, data: Path, work: Path) -> list[dict]:
     out = work / f"sp{sp}"
     out.mkdir(parents=True)
     length = args.prompt + args.completion
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")  # fmt: skip
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "zero2.yaml"), "--num_processes", str(sp),
-           "--mixed_precision", "no", "--main_process_port", str(29500 + sp + os.getpid() % 1000),
+    env = cpu_env(ROOT, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [*accelerate_cmd(sp, config=ROOT / "configs" / "accelerate" / "zero2.yaml"),
            __file__, "--child", str(out), "--model", args.model, "--data_path", str(data),
            "--output_dir", str(work / f"run{sp}"), "--max_length", str(length + 8),
            "--max_prompt_length", str(args.prompt + 4), "--eval_split", "0", "--eval_on_start", "false",

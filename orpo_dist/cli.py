@@ -11,7 +11,6 @@ reason, before any model is loaded); 3 preempted with a checkpoint saved (run ag
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -19,6 +18,8 @@ from collections.abc import Callable
 from importlib.resources import files
 
 from orpo_dist.config import Config, ConfigError, load_config
+from orpo_dist.console import setup_logging
+from orpo_dist.preemption import record_early
 
 USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
        accelerate launch [--config_file configs/accelerate/X.yaml] -m orpo_dist.train ...
@@ -31,7 +32,6 @@ documented defaults, then the --config file, then the flags.
 --version prints the versions of orpo_dist and the libraries it trains with.
 """
 QUICKSTART = "quickstart"  # `--config quickstart`: the preset by name
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 VERSIONED = (
     "torch",
     "transformers",
@@ -107,14 +107,6 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _catch_stop_signals() -> tuple[Callable[[], bool], dict]:
-    """Record SIGUSR1 / SIGTERM from the very start, so one that arrives while torch is still importing
-    or the model loading stops the run at its first step boundary with exit 3 (not signal death)."""
-    got: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in STOP_SIGNALS}
-    return (lambda: bool(got)), previous
-
-
 def _lost_peer(e: BaseException) -> bool:
     """A collective failed because another rank hung (ddp_timeout passed) or died."""
     import torch.distributed as dist
@@ -129,7 +121,7 @@ def _lost_peer(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signalled, previous = _catch_stop_signals()
+    signalled, previous = record_early()
     try:
         return _main(sys.argv[1:] if argv is None else argv, signalled)
     finally:
@@ -144,10 +136,7 @@ def _main(argv: list[str], signalled: Callable[[], bool]) -> int:
     if "--version" in argv:
         print(_version())
         return 0
-    logging.basicConfig(level=logging.INFO, format="[orpo_dist] %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "accelerate", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernel notice, not actionable
+    setup_logging()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         cfg, preset = parse(argv)

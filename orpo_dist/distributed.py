@@ -1,5 +1,5 @@
-"""Process-group set-up, launch checks, which pairs each rank trains on, reductions over ranks, and the
-agreed stop on preemption. The rest of the package calls these and is otherwise written as if
+"""Process-group set-up, launch checks, the agreed start-up and reductions over ranks. Which pairs each
+rank trains on is loader.PairShards; the agreed stop on preemption is preemption.py. The rest of the package calls these and is otherwise written as if
 single-process, with two exceptions kept beside what they guard: rank-0-only file writes
 (`accelerator.is_main_process` in checkpoint.py and metrics.py, with a barrier after them), and the
 ZeRO-3 gather of a frozen output head in logps.py (it feeds the log-prob kernel there).
@@ -9,19 +9,15 @@ Pitfalls handled where they bite:
   think they are rank 0. `check_world_size` compares what the launcher asked for with the process
   group we got and stops loudly on a mismatch.
 - DeepSpeed on CPU needs the gloo backend (its batch-size check fails otherwise).
-- Every rank must run the same number of forward/backward calls per optimizer step, or DDP /
-  ZeRO collectives hang: `PairShards` gives every rank exactly `accumulation` micro-batches per
-  step, padding the ragged last step with zero-weight filler pairs instead of dropping pairs.
-- A signal reaches ranks at different moments: `Preemption.agreed` all-reduces the flag once per step,
-  so every rank stops after the same step (a rank that stopped alone would hang the others).
+- A failure during start-up on one rank must stop every rank (`agreed_start`), or the others wait in
+  the next collective until `ddp_timeout`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -35,6 +31,9 @@ log = logging.getLogger("orpo_dist")
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator for this launch. Its sequence-parallel size is `cfg.train.sequence_parallel_size` as
+    `sequence_parallel.resolve` settled it before (the one place that reads the launch config for it); from
+    here on code asks the accelerator (`sequence_parallel.size`)."""
     kwargs = []
     launched = "LOCAL_RANK" in os.environ  # set by accelerate launch / torchrun / deepspeed, not by python
     if launched:
@@ -51,7 +50,6 @@ def make_accelerator(cfg: Config) -> Accelerator:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     log_with = None if cfg.train.log == "none" else cfg.train.log
-    sequence_parallel.resolve(cfg)  # ConfigError (exit 2) if the launch cannot split sequences as asked
     accelerator = Accelerator(
         mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation,
@@ -185,114 +183,3 @@ def agreed_start(accelerator: Accelerator, fn: Callable, first: str | None = Non
     if failed:
         raise ConfigError("stopped: another rank reported a problem during start-up (see its message above)")
     return result
-
-
-class Preemption:
-    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop and save at the next step boundary.
-
-    Installed before anything slow starts (`already` reports a signal the command line caught even
-    earlier), so a signal during start-up stops the run at its first step boundary, exit 3.
-    """
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self, already: Callable[[], bool] | None = None):
-        self.already, self.requested = already, False  # not entered (a benchmark): no handlers, never stops
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        self.requested = self.requested or bool(self.already and self.already())
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():  # a Python-API caller gets its handlers back
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        log.warning("received signal %s: will checkpoint after this step and exit", signum)
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every rank once any rank got a signal (a collective: call it on every rank, every step)."""
-        return self.check(accelerator)[0]
-
-    def check(self, accelerator: Accelerator, flags: torch.Tensor | None = None) -> tuple[bool, ...]:
-        """(stop requested on any rank, *each flag set on any rank): the step's one collective, which also
-        carries the numerical-health flags (health.non_finite) so every rank stops after the same step."""
-        values = torch.tensor([float(self.requested)], device=accelerator.device)
-        if flags is not None:
-            values = torch.cat([values, flags.to(accelerator.device, torch.float32)])
-        return tuple(v > 0 for v in all_sum(accelerator, values).tolist())
-
-
-class PairShards:
-    """Which pairs each rank trains on, step by step, epoch by epoch (deterministic from the seed).
-
-    Step s of an epoch takes the next `global_batch` pairs of that epoch's permutation and deals them
-    to the `world * accumulation` micro-batch slots; rank r owns slots r*accum .. r*accum+accum-1.
-    So ranks see disjoint pairs, the union over ranks is the whole split, a pair's chosen and rejected
-    stay together, and the global batch of a step does not depend on how it is split over ranks.
-    A slot left empty by the ragged last step gets one filler pair with weight 0.
-    """
-
-    def __init__(
-        self,
-        lengths: list[int],
-        batch_size: int,
-        accumulation: int,
-        world: int,
-        rank: int,
-        seed: int,
-        shuffle: bool = True,
-        group_by_length: bool = False,
-    ):
-        self.lengths, self.batch_size, self.accumulation = lengths, batch_size, accumulation
-        self.world, self.rank, self.seed = world, rank, seed
-        self.shuffle, self.group_by_length = shuffle, group_by_length
-        self.global_batch = batch_size * accumulation * world
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return -(-len(self.lengths) // self.global_batch)
-
-    def order(self, epoch: int) -> list[int]:
-        n = len(self.lengths)
-        if not self.shuffle:
-            return list(range(n))
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        if self.group_by_length:  # sort within blocks of 16 global batches: similar lengths share a step
-            block = 16 * self.global_batch
-            order = [
-                i
-                for s in range(0, n, block)
-                for i in sorted(order[s : s + block], key=self.lengths.__getitem__)
-            ]
-            steps = [order[s : s + self.global_batch] for s in range(0, n, self.global_batch)]
-            perm = torch.randperm(len(steps), generator=g).tolist()  # but visit the steps in random order
-            order = [i for p in perm for i in steps[p]]
-        return order
-
-    def step_slots(self, pairs: list[int]) -> list[list[int]]:
-        """Deal one step's pairs to all world*accum slots, round-robin (by length if grouping)."""
-        slots_n = self.world * self.accumulation
-        if self.group_by_length:
-            pairs = sorted(pairs, key=self.lengths.__getitem__, reverse=True)
-            # snake order: slot token counts stay balanced
-            slots = [[] for _ in range(slots_n)]
-            for i, p in enumerate(pairs):
-                lap, j = divmod(i, slots_n)
-                slots[j if lap % 2 == 0 else slots_n - 1 - j].append(p)
-            return slots
-        return [pairs[j::slots_n] for j in range(slots_n)]
-
-    def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, list[tuple[int, float]]]]:
-        """Yield (step_in_epoch, [(pair_index, weight), ...]) for this rank's micro-batches."""
-        order = self.order(epoch)
-        for step in range(start_step, self.steps_per_epoch):
-            pairs = order[step * self.global_batch : (step + 1) * self.global_batch]
-            slots = self.step_slots(pairs)
-            for micro in range(self.accumulation):
-                slot = slots[self.rank * self.accumulation + micro]
-                yield step, [(i, 1.0) for i in slot] if slot else [(pairs[0], 0.0)]

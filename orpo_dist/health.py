@@ -3,7 +3,7 @@ divergence is warned about in the log.
 
 The check costs nothing extra: the loss and the gradient norm are computed anyway, their finiteness
 is kept as a tensor on the device (no sync per micro-batch), and the flags ride on the one collective
-the loop already makes per step (`distributed.Preemption.check`). Every rank therefore stops after
+the loop already makes per step (`preemption.Preemption.check`). Every rank therefore stops after
 the same step, before that step's checkpoint is written: the last checkpoint on disk holds finite
 weights, and no `final/` is written. Under fp16 mixed precision a non-finite gradient norm is the
 loss scaler's overflow signal (that step is skipped, the scale lowered), not a failure; a non-finite

@@ -7,7 +7,7 @@ The batch contract. Every layout describes each scored position i the same way (
   seq  [N]  which sequence's completion that token belongs to (0..B-1 chosen, B..2B-1 rejected) or -1
             (a prompt token, scored only for the NLL)
   nll  [N]  whether it counts in the NLL term (chosen tokens; prompt too unless nll_scope=completion)
-  pair [N]  its pair index; pair_weight [B] is 1 for real pairs, 0 for fillers (see distributed.PairShards)
+  pair [N]  its pair index; pair_weight [B] is 1 for real pairs, 0 for fillers (see loader.PairShards)
 plus `ids` [B] (pair ids, for traces) and `num_tokens` (prompt+chosen + prompt+rejected tokens, the same
 in every layout, so tokens/s means the same). So the loss is layout-agnostic, and a new layout only has
 to fill these in, and say in `model_inputs` how the model must be called.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,80 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from orpo_dist.config import TrainConfig
-from orpo_dist.distributed import PairShards, data_parallel
+from orpo_dist.distributed import data_parallel
+from orpo_dist.preemption import ignore_in_worker
+
+
+class PairShards:
+    """Which pairs each rank trains on, step by step, epoch by epoch (deterministic from the seed).
+
+    Step s of an epoch takes the next `global_batch` pairs of that epoch's permutation and deals them
+    to the `world * accumulation` micro-batch slots; rank r owns slots r*accum .. r*accum+accum-1.
+    So ranks see disjoint pairs, the union over ranks is the whole split, a pair's chosen and rejected
+    stay together, and the global batch of a step does not depend on how it is split over ranks.
+    A slot left empty by the ragged last step gets one filler pair with weight 0.
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        accumulation: int,
+        world: int,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+        group_by_length: bool = False,
+    ):
+        self.lengths, self.batch_size, self.accumulation = lengths, batch_size, accumulation
+        self.world, self.rank, self.seed = world, rank, seed
+        self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.global_batch = batch_size * accumulation * world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.lengths) // self.global_batch)
+
+    def order(self, epoch: int) -> list[int]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        if self.group_by_length:  # sort within blocks of 16 global batches: similar lengths share a step
+            block = 16 * self.global_batch
+            order = [
+                i
+                for s in range(0, n, block)
+                for i in sorted(order[s : s + block], key=self.lengths.__getitem__)
+            ]
+            steps = [order[s : s + self.global_batch] for s in range(0, n, self.global_batch)]
+            perm = torch.randperm(len(steps), generator=g).tolist()  # but visit the steps in random order
+            order = [i for p in perm for i in steps[p]]
+        return order
+
+    def step_slots(self, pairs: list[int]) -> list[list[int]]:
+        """Deal one step's pairs to all world*accum slots, round-robin (by length if grouping)."""
+        slots_n = self.world * self.accumulation
+        if self.group_by_length:
+            pairs = sorted(pairs, key=self.lengths.__getitem__, reverse=True)
+            # snake order: slot token counts stay balanced
+            slots = [[] for _ in range(slots_n)]
+            for i, p in enumerate(pairs):
+                lap, j = divmod(i, slots_n)
+                slots[j if lap % 2 == 0 else slots_n - 1 - j].append(p)
+            return slots
+        return [pairs[j::slots_n] for j in range(slots_n)]
+
+    def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, list[tuple[int, float]]]]:
+        """Yield (step_in_epoch, [(pair_index, weight), ...]) for this rank's micro-batches."""
+        order = self.order(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            pairs = order[step * self.global_batch : (step + 1) * self.global_batch]
+            slots = self.step_slots(pairs)
+            for micro in range(self.accumulation):
+                slot = slots[self.rank * self.accumulation + micro]
+                yield step, [(i, 1.0) for i in slot] if slot else [(pairs[0], 0.0)]
 
 
 class PairRows:
@@ -64,13 +136,6 @@ class MicroBatchSampler(Sampler):
             epoch, step = epoch + 1, 0
 
 
-def _worker_init(_: int) -> None:
-    """A preemption signal (SLURM's SIGUSR1, scancel's SIGTERM to every process) is the main process's to
-    handle: it finishes the step and checkpoints. A worker killed by it would abort the step instead."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class PairLoader:
     def __init__(self, dataset, collate, shards: PairShards, device: torch.device, num_workers: int = 0):
         self.dataset, self.collate, self.shards, self.device = dataset, collate, shards, device
@@ -84,7 +149,7 @@ class PairLoader:
             collate_fn=self.collate,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if self.num_workers else None,
+            worker_init_fn=ignore_in_worker if self.num_workers else None,
         )
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -62,6 +62,12 @@ def odds_ratio(chosen_logps: Tensor, rejected_logps: Tensor) -> tuple[Tensor, Te
     return -F.logsigmoid(log_odds), log_odds
 
 
+def orpo_loss(nll_sum, nll_tokens, or_sum, pairs, beta: float):
+    """The objective from its sums: L_NLL + beta * L_OR = nll_sum / nll_tokens + beta * or_sum / pairs.
+    The one place it is written: the trainer's loss and the logged `loss` both come from here."""
+    return nll_sum / nll_tokens + beta * or_sum / pairs
+
+
 @dataclass
 class OrpoParts:
     """Sums over one micro-batch; the trainer divides by all-rank counts (see module docstring)."""
@@ -82,7 +88,7 @@ class OrpoParts:
         """L_NLL + beta * L_OR, normalised by the given counts (default: this micro-batch's own)."""
         nll_tokens = self.nll_tokens if nll_tokens is None else nll_tokens
         pairs = self.pairs if pairs is None else pairs
-        return self.nll_sum / nll_tokens + beta * self.or_sum / pairs
+        return orpo_loss(self.nll_sum, nll_tokens, self.or_sum, pairs, beta)
 
     def metric_sums(self, beta: float) -> dict[str, Tensor]:
         """Per-pair metric sums (divide by `pairs`), in the order and with the names of PAIR_METRICS."""

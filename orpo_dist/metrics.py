@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from orpo_dist.config import Config
 from orpo_dist.distributed import all_sum
-from orpo_dist.loss import PAIR_METRICS, OrpoParts
+from orpo_dist.loss import PAIR_METRICS, OrpoParts, orpo_loss
 from orpo_dist.throughput import FlopsModel
 from orpo_dist.trackers import Tracker
 
@@ -44,16 +44,21 @@ def step_sums(parts: OrpoParts, batch: dict, beta: float) -> dict[str, torch.Ten
 
 
 class MetricWindow:
-    """Sums over a logging window, reduced over ranks only when logged."""
+    """Sums over a logging window, reduced over ranks only when logged. `beta` is the run's ORPO beta."""
 
-    def __init__(self):
+    def __init__(self, beta: float):
+        self.beta = beta
         self.sums: dict[str, torch.Tensor] = {}
+
+    def add_step(self, parts: OrpoParts, batch: dict) -> None:
+        """Add one micro-batch's ORPO sums."""
+        self.add(step_sums(parts, batch, self.beta))
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0) + v.detach().float()
 
-    def reduce(self, accelerator: Accelerator, beta: float, prefix: str = "") -> dict[str, float]:
+    def reduce(self, accelerator: Accelerator, prefix: str = "") -> dict[str, float]:
         """Means over every pair (and NLL token) of the window on every rank; resets the window."""
         keys = sorted(self.sums)
         total = all_sum(
@@ -64,17 +69,19 @@ class MetricWindow:
         pairs = max(s["pairs"], 1.0)
         out = {f"{prefix}{k}": s[k] / pairs for k in PAIR_METRICS}
         out[f"{prefix}nll_loss"] = s["nll_sum"] / max(s["nll_tokens"], 1.0)
-        out[f"{prefix}loss"] = out[f"{prefix}nll_loss"] + beta * s["or_sum"] / pairs
+        out[f"{prefix}loss"] = orpo_loss(
+            s["nll_sum"], max(s["nll_tokens"], 1.0), s["or_sum"], pairs, self.beta
+        )
         out[f"{prefix}num_tokens"] = s["num_tokens"]
         if "data_wait_seconds" in s:  # per rank: the mean over ranks
             out["data_wait_seconds"] = s["data_wait_seconds"] / accelerator.num_processes
         return out
 
-    def preview(self, beta: float) -> dict[str, str]:
+    def preview(self) -> dict[str, str]:
         """This rank's running loss and preference accuracy over the window so far (the progress bar)."""
         s = {k: float(v) for k, v in self.sums.items() if k in ("nll_sum", "nll_tokens", "or_sum", "pairs")}
         pairs = max(s["pairs"], 1.0)
-        loss = s["nll_sum"] / max(s["nll_tokens"], 1.0) + beta * s["or_sum"] / pairs
+        loss = orpo_loss(s["nll_sum"], max(s["nll_tokens"], 1.0), s["or_sum"], pairs, self.beta)
         return {"loss": f"{loss:.4f}", "accuracy": f"{float(self.sums['rewards/accuracies']) / pairs:.2f}"}
 
 
@@ -113,13 +120,11 @@ class MetricsLog:
         partial.write_text("".join(kept))
         os.replace(partial, self.path)
 
-    def log_train(
-        self, window: MetricWindow, beta: float, seconds: float, data_wait: float, **fields
-    ) -> dict:
+    def log_train(self, window: MetricWindow, seconds: float, data_wait: float, **fields) -> dict:
         """Reduce a training window into a row (tokens/s and mfu over `seconds`, the seconds this rank
         waited for data, and the given fields), write it."""
         window.add({"data_wait_seconds": torch.tensor(data_wait)})
-        row = window.reduce(self.accelerator, beta)
+        row = window.reduce(self.accelerator)
         row["tokens_per_second"] = row.pop("num_tokens") / max(seconds, 1e-9)
         if self.flops is not None:  # GPU only
             row["mfu"] = self.flops.mfu(row["tokens_per_second"], self.accelerator.num_processes)

@@ -109,7 +109,7 @@ def apply_fused_kernels(model, mode: str, say=log.info) -> str:
     """Liger's Triton kernels for RoPE, RMSNorm and SwiGLU, patched into this model instance.
 
     Liger's fused linear-cross-entropy stays off: ORPO needs per-token log-probs at chosen positions,
-    which loss.py computes in chunks. Returns what was applied ("liger" or "none").
+    which logps.py computes in chunks. Returns what was applied ("liger" or "none").
     """
     if mode == "none":
         return "none"

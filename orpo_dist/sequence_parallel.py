@@ -40,8 +40,8 @@ LAUNCH_CONFIGS = "configs/accelerate/zero3_sp.yaml (or any zero*.yaml with --seq
 
 
 def resolve(cfg: Config, env: Mapping[str, str] = os.environ) -> int:
-    """The run's sequence-parallel size: `sequence_parallel_size`, or the accelerate config's
-    `parallelism_config_sp_size` when ours is 1. Under SP the attention defaults to the launch config's
+    """Settle the run's sequence-parallel size in `cfg` (called once, before the accelerator is built):
+    `sequence_parallel_size`, or the accelerate config's `parallelism_config_sp_size` when ours is 1. Under SP the attention defaults to the launch config's
     (sdpa unless set). Raises ConfigError, every number in it, if this launch cannot run it."""
     t = cfg.train
     launched = int(env.get("PARALLELISM_CONFIG_SP_SIZE", "1") or 1)
@@ -114,7 +114,7 @@ def slice_of(accelerator: Accelerator) -> tuple[int, int]:
     return accelerator.process_index % sp, sp
 
 
-def check_model(cfg: Config, model_path: str) -> None:
+def check_heads(cfg: Config, model_path: str) -> None:
     """Attention heads and KV heads must split over the group: read from the model's config, before loading."""
     sp = cfg.train.sequence_parallel_size
     if sp <= 1:

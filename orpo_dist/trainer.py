@@ -23,7 +23,6 @@ from orpo_dist.checkpoint import Checkpointer
 from orpo_dist.config import Config, ConfigError
 from orpo_dist.data.cache import tokenised_datasets
 from orpo_dist.distributed import (
-    Preemption,
     agreed_start,
     all_sum,
     check_world_size,
@@ -39,9 +38,10 @@ from orpo_dist.layouts import make_collator, model_inputs
 from orpo_dist.loader import make_loaders
 from orpo_dist.logps import forward_parts
 from orpo_dist.loss import OrpoParts, batch_counts
-from orpo_dist.metrics import MetricsLog, MetricWindow, step_sums
+from orpo_dist.metrics import MetricsLog, MetricWindow
 from orpo_dist.modeling import describe_model, load_model, load_tokenizer, output_head, resolve_model_path
 from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
+from orpo_dist.preemption import Preemption
 from orpo_dist.preflight import check_model, check_run
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
 from orpo_dist.templates import example_lines
@@ -62,8 +62,12 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: Config, preempt: Preemption):
         self.cfg, t, self.preempt = cfg, cfg.train, preempt
+        self.beta = cfg.orpo.beta
         check_optimizer(t.optim)  # what can only be checked on this machine, before anything is written
         check_push(cfg)
+        sequence_parallel.resolve(
+            cfg
+        )  # the SP size, settled once from cfg + launch (exit 2 if it cannot run)
         self.accelerator = accelerator = make_accelerator(cfg)
         check_world_size(accelerator)
         set_seed(t.seed)
@@ -115,7 +119,7 @@ class Trainer:
         cfg = self.cfg
         model_path = resolve_model_path(cfg)
         check_model(cfg, model_path, self.accelerator.num_processes, is_sharded(self.accelerator))
-        sequence_parallel.check_model(cfg, model_path)
+        sequence_parallel.check_heads(cfg, model_path)
         try:
             tokenizer = load_tokenizer(
                 model_path, cfg.model.trust_remote_code, cfg.data.chat_template, self.say
@@ -141,7 +145,7 @@ class Trainer:
         if t.eval_on_start and progress.global_step == 0:
             self.log_eval(step=0)
         self.model.train()
-        window, t0, stop = MetricWindow(), time.perf_counter(), False
+        window, t0, stop = MetricWindow(self.beta), time.perf_counter(), False
         steps = self.loader.steps(progress.epoch, progress.step_in_epoch, progress.global_step)
         with tqdm(total=self.total_steps, initial=progress.global_step, desc="orpo", dynamic_ncols=True,
                   disable=not accelerator.is_main_process) as bar:  # fmt: skip
@@ -156,7 +160,7 @@ class Trainer:
                     )
                     t0 = time.perf_counter()
                 elif accelerator.is_main_process:  # between logging steps: rank 0's running window
-                    bar.set_postfix(**window.preview(self.cfg.orpo.beta), refresh=False)
+                    bar.set_postfix(**window.preview(), refresh=False)
                 bar.update(1)
                 epoch_end = progress.step_in_epoch == 0
                 if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and epoch_end):
@@ -193,7 +197,7 @@ class Trainer:
         for batch in batches:
             with accelerator.accumulate(self.model), accelerator.autocast():
                 parts = self.forward(batch)
-                loss = parts.loss(cfg.orpo.beta, nll_tokens, pairs) * scale
+                loss = parts.loss(self.beta, nll_tokens, pairs) * scale
                 accelerator.backward(loss)
                 losses = losses + loss.detach()
                 if accelerator.sync_gradients:  # max_grad_norm 0: measure the norm, don't clip
@@ -201,7 +205,7 @@ class Trainer:
                     grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            window.add(step_sums(parts, batch, cfg.orpo.beta))
+            window.add_step(parts, batch)
         self.scheduler.step()
         return grad_norm, non_finite(
             losses, grad_norm, grads_may_overflow=accelerator.mixed_precision == "fp16"
@@ -209,7 +213,7 @@ class Trainer:
 
     def log_train(self, window: MetricWindow, step: int, grad_norm, seconds: float) -> dict:
         epoch, lr = step / self.loader.shards.steps_per_epoch, self.scheduler.get_last_lr()[0]
-        row = self.metrics.log_train(window, self.cfg.orpo.beta, seconds, self.loader.take_wait_seconds(),
+        row = self.metrics.log_train(window, seconds, self.loader.take_wait_seconds(),
                                      step=step, epoch=epoch, learning_rate=lr, grad_norm=grad_norm)  # fmt: skip
         for warning in self.health.watch(row):
             self.say(warning)
@@ -226,12 +230,12 @@ class Trainer:
         if self.eval_loader is None:
             return {}
         self.model.eval()
-        window = MetricWindow()
+        window = MetricWindow(self.beta)
         for batch in self.eval_loader.micro_batches(epoch=0):
             with self.accelerator.autocast():
-                window.add(step_sums(self.forward(batch), batch, self.cfg.orpo.beta))
+                window.add_step(self.forward(batch), batch)
         self.model.train()
-        out = window.reduce(self.accelerator, self.cfg.orpo.beta, prefix="eval_")
+        out = window.reduce(self.accelerator, prefix="eval_")
         out.pop("eval_num_tokens")
         return out
 

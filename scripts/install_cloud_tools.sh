@@ -14,12 +14,20 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 
 if ! "$PY" -c "import kubeflow.training" 2>/dev/null; then
-    "$PY" -m pip install -q "kubeflow-training>=1.9,<2"
+    if [ "${ORPO_DIST_LATEST:-0}" = 1 ]; then
+        "$PY" -m pip install -q "kubeflow-training>=1.9,<2"
+    else  # the versions the suite last passed with (constraints.txt), like scripts/setup.sh
+        "$PY" -m pip install -q -c constraints.txt "kubeflow-training>=1.9,<2"
+    fi
 fi
 if ! .venv-sky/bin/python -c "import sky" 2>/dev/null; then
     "$PY" -m venv --clear .venv-sky
     .venv-sky/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv-sky/bin/python -m pip install -q "skypilot>=0.14,<0.15"
+    if [ "${ORPO_DIST_LATEST:-0}" = 1 ]; then
+        .venv-sky/bin/python -m pip install -q "skypilot>=0.14,<0.15"
+    else
+        .venv-sky/bin/python -m pip install -q "skypilot==0.14.1"  # the version the suite last passed with
+    fi
 fi
 echo "cloud tools ok: kubeflow-training $("$PY" -c 'import importlib.metadata as m; print(m.version("kubeflow-training"))')" \
      "| skypilot $(.venv-sky/bin/python -c 'import sky; print(sky.__version__)') (.venv-sky)"

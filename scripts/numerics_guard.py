@@ -1,5 +1,5 @@
 """Numerics guard for refactors: the same runs give the same per-step numbers, to the 6 decimals of
-metrics.jsonl, before and after a change.
+metrics.jsonl (within last-digit noise, see TOLERANCE), before and after a change.
 
     python scripts/numerics_guard.py record            # write tests/numerics/baseline.json (before a change)
     python scripts/numerics_guard.py check             # rerun and compare with it (after the change)
@@ -12,20 +12,21 @@ Runs (all on CPU, one intra-op thread each, so results do not depend on the mach
   layout_<name>       one process, the tiny model, layout padded / packed / shared_prefix, with eval
   qlora               one process, the tiny model in nf4 (bitsandbytes on CPU) with LoRA, completion-only NLL
   bench               bench/orpo_bench.py's per-step losses (TRL and each layout), 2 steps, 1 repeat
-Every key of every metrics.jsonl row is compared except wall-clock ones (tokens_per_second, ...).
-tests/test_numerics_guard.py runs the layout runs in the default suite.
+Every key of every metrics.jsonl row is compared except wall-clock ones (tokens_per_second, ...), within
+TOLERANCE. The library versions a baseline was recorded with are kept beside it and printed on a mismatch,
+so a number moved by a new release names the release. tests/test_numerics_guard.py runs the layout runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from orpo_dist.cpu_launch import accelerate_cmd, cpu_env
 from orpo_dist.metrics import WALL_CLOCK_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,34 +36,31 @@ QUICKSTART = REPO / "orpo_dist" / "presets" / "quickstart.yaml"
 ACCEL = REPO / "configs" / "accelerate"
 TIMING_KEYS = WALL_CLOCK_KEYS  # wall clock or machine-dependent: never equal twice
 LAYOUTS = ("padded", "packed", "shared_prefix")
+# |got - want| <= ABS + REL * |want|. Values are printed with 6 decimals, so the same computation summed in
+# another order (another CPU's BLAS kernels, a new torch) moves the last digit: 1e-6 from rounding alone,
+# measured up to 1e-6 between an AMD EPYC and an Intel Xeon. 2e-6 absorbs that; the relative part covers
+# values above 1 (a loss of 12 holds ~1e-6 float32 noise). A real change - a 1e-4 nudge of the loss, a
+# token more or less in a mean, another data order - moves numbers by 1e-4 or more (test_numerics_guard).
+TOLERANCE = {"abs": 2e-6, "rel": 1e-6}
+VERSIONS_KEY = "_versions"  # baseline.json: {run: rows, ..., "_versions": {run: {library: version}}}
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "deepspeed",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "datasets",
+    "numpy",
+)
 LAYOUT_ARGS = ["--eval_split", "0.2", "--eval_on_start", "true", "--max_samples", "40", "--eval_steps", "4"]
 
 
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ACCELERATE_", "ORPO_", "SLURM_"))
-        and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="disabled",
-        TOKENIZERS_PARALLELISM="false",
-        TRL_EXPERIMENTAL_SILENCE="1",
-        CUDA_VISIBLE_DEVICES="",
-    )
-    return env
-
-
 def _train_cmd(name: str, out: Path) -> tuple[list[str], dict[str, str]]:
-    env = _env()
+    env = cpu_env(REPO)
     train = ["-m", "orpo_dist.train"]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
-    accelerate += ["--mixed_precision", "no", "--main_process_port", str(_free_port())]
+    accelerate = accelerate_cmd(2)
     if name == "quickstart":
         return [sys.executable, *train, "--config", str(QUICKSTART), "--output_dir", str(out)], env
     tiny = ["--config", str(TINY), "--output_dir", str(out)]
@@ -83,21 +81,13 @@ def _train_cmd(name: str, out: Path) -> tuple[list[str], dict[str, str]]:
 RUNS = ["quickstart", "ddp", "zero3_lora", *(f"layout_{name}" for name in LAYOUTS), "qlora", "bench"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(name: str, workdir: Path) -> list[dict]:
     """The per-step numbers of one run: metrics.jsonl rows (timing keys dropped), or bench losses."""
     out = workdir / name
     if name == "bench":
         cmd = [sys.executable, str(REPO / "bench" / "orpo_bench.py"), "--device", "cpu", "--steps", "2"]
         cmd += ["--warmup", "0", "--repeats", "1", "--out", str(out)]
-        env = _env()
+        env = cpu_env(REPO)
     else:
         cmd, env = _train_cmd(name, out)
     proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=1800)
@@ -110,8 +100,37 @@ def run(name: str, workdir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
 
 
+def versions() -> dict[str, str]:
+    """The versions of the libraries that decide the numbers, as installed now."""
+    import importlib.metadata as md
+    import platform
+
+    found = {"python": platform.python_version(), "machine": platform.machine()}
+    for lib in LIBRARIES:
+        try:
+            found[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            found[lib] = "not installed"
+    return found
+
+
+def close(want, got) -> bool:
+    """Equal, or both numbers within TOLERANCE (bools and strings must be equal)."""
+    if isinstance(want, bool) or isinstance(got, bool) or not isinstance(want, (int, float)):
+        return want == got
+    if not isinstance(got, (int, float)):
+        return False
+    return abs(got - want) <= TOLERANCE["abs"] + TOLERANCE["rel"] * abs(want)
+
+
+def _values_close(want, got) -> bool:
+    if isinstance(want, list) and isinstance(got, list):
+        return len(want) == len(got) and all(close(w, g) for w, g in zip(want, got))
+    return close(want, got)
+
+
 def compare(name: str, want: list[dict], got: list[dict]) -> list[str]:
-    """Every difference between two runs' rows, one line each (empty when identical)."""
+    """Every difference beyond TOLERANCE between two runs' rows, one line each (empty when they match)."""
     problems = []
     if len(want) != len(got):
         problems.append(f"{name}: {len(got)} rows, baseline has {len(want)}")
@@ -119,9 +138,18 @@ def compare(name: str, want: list[dict], got: list[dict]) -> list[str]:
         for key in sorted(set(w) - TIMING_KEYS):
             if key not in g:
                 problems.append(f"{name} row {i}: {key} missing (baseline {w[key]})")
-            elif w[key] != g[key]:
+            elif not _values_close(w[key], g[key]):
                 problems.append(f"{name} row {i} (step {w.get('step')}): {key} {g[key]} != baseline {w[key]}")
     return problems
+
+
+def version_changes(recorded: dict[str, str] | None, now: dict[str, str]) -> str:
+    """One line: which library versions differ from the baseline's (what may have moved a number)."""
+    if not recorded:
+        return "library versions of the baseline: not recorded"
+    moved = [f"{lib} {recorded.get(lib, '?')} -> {now.get(lib, '?')}" for lib in sorted(set(recorded) | set(now))
+             if recorded.get(lib) != now.get(lib)]  # fmt: skip
+    return "versions changed since the baseline: " + (", ".join(moved) if moved else "none (same versions)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,19 +164,26 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown runs {unknown}; choose from {RUNS}")
     path = Path(args.baseline)
     baseline = json.loads(path.read_text()) if path.exists() else {}
+    recorded_versions = baseline.setdefault(VERSIONS_KEY, {})
+    now = versions()
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="orpo_numerics_") as tmp:
         for name in names:
             rows = run(name, Path(tmp))
             if args.mode == "record":
                 baseline[name] = rows
+                recorded_versions[name] = now
                 print(f"{name}: recorded {len(rows)} rows", flush=True)
             elif name not in baseline:
                 problems.append(f"{name}: not in the baseline {path}; record it first")
             else:
                 diff = compare(name, baseline[name], rows)
+                if diff:
+                    diff.append(f"{name}: {version_changes(recorded_versions.get(name), now)}")
                 problems += diff
-                print(f"{name}: {'identical' if not diff else f'{len(diff)} differences'} ({len(rows)} rows)")
+                print(
+                    f"{name}: {'matches' if not diff else f'{len(diff) - 1} differences'} ({len(rows)} rows)"
+                )
     if args.mode == "record":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(baseline, indent=1) + "\n")

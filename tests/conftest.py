@@ -19,8 +19,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # DeepSpeed on CPU JIT-builds its shared-memory all-reduce op (torch cpp_extension) and takes a file lock,
 # `<TORCH_EXTENSIONS_DIR>/<op>/lock`, on every load. A rank killed while it holds the lock (the kill,
 # preemption and lost-rank tests kill ranks at any moment) leaves it behind, and every later DeepSpeed
-# start then sleeps on it forever. The op is built once per session, before any test can kill a builder,
-# and a lock left behind by a test is removed after it.
+# start then sleeps on it forever. So a test that launches DeepSpeed requests `deepspeed_op`: the op is
+# built once per session before any such test can kill a builder, and a lock left behind is removed after
+# each of them. Tests that never start DeepSpeed (the fast tier) never pay for the build.
 EXTENSIONS = Path(
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "orpo_dist_torch_ext"))
 )
@@ -38,7 +39,7 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(scope="session")
 def _deepspeed_cpu_op_built():
     _remove_stale_extension_locks()  # from an earlier session that was killed
     try:
@@ -49,8 +50,9 @@ def _deepspeed_cpu_op_built():
         pass
 
 
-@pytest.fixture(autouse=True)
-def _no_stale_extension_lock():
+@pytest.fixture
+def deepspeed_op(_deepspeed_cpu_op_built):
+    """Request it (`pytest.mark.usefixtures("deepspeed_op")`) in a test that launches DeepSpeed ranks."""
     yield
     _remove_stale_extension_locks()
 

@@ -7,36 +7,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
+from orpo_dist.cpu_launch import LAUNCHER_VARS, OFFLINE_ENV, accelerate_cmd, cpu_env, free_port  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "configs" / "accelerate"
 # The tiny run every training test starts from (also what launch tests pass as --config).
 TINY_YAML = REPO / "tests" / "configs" / "tiny.yaml"
-# No hub, no wandb network, no tokenizers threads: tests run offline and quiet.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
+# The tiny run's size (tests/configs/tiny.yaml): 34 pairs, 8 steps, a checkpoint at step 4, 5 steps per epoch
+N_PAIRS, STEPS, SAVE_AT = 34, 8, 4
+LAUNCH_TIMEOUT = 600  # a hung collective fails the test instead of blocking CI
+# name -> (accelerate launch args, extra env, the distributed type the trainer must report)
+STRATEGIES = {
+    "ddp": (["--config_file", str(ACCEL / "multi_gpu.yaml")], {"ACCELERATE_USE_CPU": "true"}, "MULTI_CPU"),
+    "zero2": (["--config_file", str(ACCEL / "zero2.yaml")], {}, "DEEPSPEED"),
+    "zero3": (["--config_file", str(ACCEL / "zero3.yaml")], {}, "DEEPSPEED"),
 }
-LAUNCHER_VARS = (
-    "WORLD_SIZE",
-    "RANK",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "NODE_RANK",
-    "NNODES",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 
 
 def tiny_run(output_dir: str | Path, **overrides) -> dict:
@@ -44,27 +39,9 @@ def tiny_run(output_dir: str | Path, **overrides) -> dict:
     return {**yaml.safe_load(TINY_YAML.read_text()), "output_dir": str(output_dir), **overrides}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_env(**extra: str) -> dict[str, str]:
     """This environment minus anything a launcher, SLURM or an outer test run sets; offline; CPU only."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ACCELERATE_", "ORPO_", "SLURM_")) and k not in LAUNCHER_VARS
-    }
-    env.update(
-        OFFLINE_ENV,
-        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        OMP_NUM_THREADS="1",  # 2 ranks on 2 cores: one intra-op thread each avoids oversubscription stalls
-        CUDA_VISIBLE_DEVICES="",  # CPU + gloo on any machine (2 ranks cannot share one GPU under NCCL)
-    )
-    env.update(extra)
-    return env
+    return cpu_env(REPO, **extra)
 
 
 def run_process(cmd: list[str], env: dict[str, str], cwd: Path, timeout: int = 600) -> tuple[int, str]:
@@ -155,3 +132,79 @@ def conversations_jsonl(path: Path, n: int = 40, seed: int = 1) -> Path:
             rejected = [user, {"role": "assistant", "content": p["rejected"]}]
             f.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
     return path
+
+
+def our_lines(stream: str) -> list[str]:
+    """orpo_dist's own lines in a captured stream: `[orpo_dist] ...` log lines and `orpo_dist: ...` errors.
+    Other libraries' lines (which keep their own names) are not ours and are left out."""
+    return [line for line in stream.splitlines() if line.startswith(("orpo_dist:", "[orpo_dist]"))]
+
+
+def assert_one_error_line(stream: str, *needles: str) -> str:
+    """The stream holds no traceback and, of orpo_dist's own lines, exactly one: the `orpo_dist: ...` error
+    (so it fails when our output grows, not when a third-party library adds a notice). Returns that line."""
+    assert "Traceback" not in stream, stream[-3000:]
+    ours = our_lines(stream)
+    assert len(ours) == 1 and ours[0].startswith("orpo_dist: "), stream[-3000:]
+    for needle in needles:
+        assert needle in ours[0], (needle, ours[0])
+    return ours[0]
+
+
+@dataclass
+class Run:
+    """One launched training run as the multi-process tests read it."""
+
+    rc: int
+    log: str
+    out: Path
+    rows: list[dict]  # metrics.jsonl rows written by this launch
+    trace: list[dict]  # every rank's {rank, world_size, step, ids}
+    data: dict[int, dict] = field(
+        default_factory=dict
+    )  # rank -> {rank, built, directory}: tokenised or mapped
+    resumed_from: Run | None = field(default=None, repr=False)
+
+    def check_ok(self) -> None:
+        assert self.rc == 0, self.log[-6000:]
+
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in self.rows if "loss" in r}
+
+    def ids(self, rank: int, step: int) -> list[int]:
+        (row,) = [t for t in self.trace if t["rank"] == rank and t["step"] == step]
+        return row["ids"]
+
+    def weights(self, sub: str = "final") -> dict:
+        from safetensors.torch import load_file
+
+        files = sorted((self.out / sub).glob("*.safetensors"))
+        assert files, f"no safetensors in {self.out / sub}"
+        return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def launch(
+    tmp: Path, name: str, strategy: str | None, model_dir: Path, *overrides: str, out: Path | None = None
+) -> Run:
+    """One training run: `strategy` None is a plain single process; else 2 ranks under accelerate launch
+    (STRATEGIES). Every rank's trace (`ORPO_DIST_TRACE_DIR`) says which pairs it trained on."""
+    out = out or tmp / name
+    trace = tmp / f"trace-{name}"
+    trace.mkdir(parents=True)
+    train = ["-m", "orpo_dist.train", "--config", str(TINY_YAML)]
+    train += ["--model", str(model_dir), "--output_dir", str(out)]
+    env = launch_env(ORPO_DIST_TRACE_DIR=str(trace))
+    if strategy is None:
+        cmd = [sys.executable, *train]
+    else:
+        args, strategy_env, _ = STRATEGIES[strategy]
+        env.update(strategy_env)
+        cmd = accelerate_cmd(2, *args, *train)
+    rc, log = run_process([*cmd, *overrides], env, cwd=tmp, timeout=LAUNCH_TIMEOUT)
+    trace_rows = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
+    # a resume keeps the rows up to its checkpoint and logs the steps after it (each step once)
+    resumed = re.search(r"resumed from \S+ at step (\d+)", log)
+    start = int(resumed.group(1)) if resumed else -1
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] > start]
+    data = {row["rank"]: row for f in trace.glob("data_rank*.json") for row in read_jsonl(f)}
+    return Run(rc, log, out, rows, trace_rows, data)

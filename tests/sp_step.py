@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from orpo_dist.cli import parse
-from orpo_dist.distributed import Preemption, data_parallel
+from orpo_dist.distributed import data_parallel
+from orpo_dist.preemption import Preemption
 from orpo_dist.sequence_parallel import slice_of
 from orpo_dist.trainer import Trainer
 

@@ -93,7 +93,7 @@ def test_accumulated_gradient_equals_one_big_batch(tiny_model, tokenizer):
 
 def test_filler_micro_batch_adds_nothing(tiny_model, tokenizer):
     model = tiny_model
-    """The ragged last step pads a rank's empty slot with a weight-0 filler pair (distributed.PairShards)."""
+    """The ragged last step pads a rank's empty slot with a weight-0 filler pair (loader.PairShards)."""
     collate = PaddedCollator(tokenizer.pad_token_id)
     groups = _micro_batches(tokenizer)
     micro = [collate(m) for m in groups]

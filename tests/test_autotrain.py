@@ -32,6 +32,7 @@ def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_autotrain_orpo_command_runs_as_written(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     data.mkdir()
@@ -110,6 +111,7 @@ def test_token_on_the_command_line_is_refused_without_echoing_it():
     assert "HF_TOKEN" in str(e.value) and "hf_secret123" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_axolotl_config_as_pasted_trains(tmp_path, tiny_model_dir):
     data = conversations_jsonl(tmp_path / "orpo.jsonl", n=24)
     config = {

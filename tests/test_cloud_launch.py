@@ -20,8 +20,9 @@ models (kubeflow-training: KubeflowOrgV1PyTorchJob, and the kubernetes client's 
 V1PersistentVolumeClaim) and must serialize back unchanged (the models drop unknown keys, so a typo shows),
 plus the operator's admission rules (pkg/webhooks/pytorch); skypilot.yaml goes through `sky.Task.from_yaml`,
 which checks it against SkyPilot's schema. SkyPilot pins click<8.2, which this project's huggingface_hub and
-wandb refuse, so it lives in its own venv (.venv-sky); scripts/install_cloud_tools.sh installs both tools and
-scripts/test.sh runs it, so CI never skips these (under CI=true a missing tool fails instead of skipping).
+wandb refuse, so it lives in its own venv (.venv-sky); scripts/install_cloud_tools.sh installs both tools, and
+the `cloud_tools` fixture runs it (idempotent) the first time a test here needs them, so CI never skips these
+(under CI=true a tool that still cannot be found fails instead of skipping). Those tests are in the slow tier.
 The Dockerfile is only checked statically (no Docker here).
 """
 
@@ -40,15 +41,23 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from helpers import REPO, TINY_YAML, free_port, launch_env, read_jsonl
+from helpers import N_PAIRS, REPO, SAVE_AT, STEPS, TINY_YAML, free_port, launch_env, read_jsonl
 
 K8S = REPO / "launch" / "k8s" / "pytorchjob.yaml"
 DOCKERFILE = REPO / "launch" / "k8s" / "Dockerfile"
 SKY = REPO / "launch" / "skypilot.yaml"
 SKY_PYTHON = Path(os.environ.get("ORPO_SKY_PYTHON", REPO / ".venv-sky" / "bin" / "python"))
-N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tests/configs/tiny.yaml: 5 steps per epoch
 PREEMPT_STEPS = 60  # long enough that SIGTERM, sent at the first step, lands well before the end
 TIMEOUT = 420  # per launch: a rendezvous or collective that hangs fails the test
+
+
+@pytest.fixture(scope="session")
+def cloud_tools():
+    """kubeflow-training into this Python, skypilot into .venv-sky: installed where the tests need them."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "install_cloud_tools.sh")], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)  # fmt: skip
+    if proc.returncode != 0:
+        missing_tool(f"the cloud tools (install failed: {(proc.stdout + proc.stderr)[-500:]})")
 
 
 def missing_tool(what: str) -> None:
@@ -388,6 +397,7 @@ def test_skypilot_nodes_train_together(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cloud_tools")
 def test_skypilot_node_loss_and_the_same_run_resumes(tmp_path, tiny_model_dir):
     """A reclaimed spot VM gives no warning: every process dies at once (SIGKILL). The managed job's recovery
     runs `run` again on new nodes; --resume auto must continue from the last complete checkpoint in the bucket."""
@@ -452,6 +462,8 @@ def sdk_roundtrip(doc: dict, model: str) -> list[str]:
     return json_diff(json.loads(json.dumps(doc)), client.sanitize_for_serialization(obj))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("cloud_tools")
 def test_manifest_is_what_the_training_operator_sdk_models_describe():
     docs = k8s_docs()
     assert set(docs) == set(SDK_MODELS)
@@ -461,6 +473,8 @@ def test_manifest_is_what_the_training_operator_sdk_models_describe():
         assert not problems, f"{kind}: " + "; ".join(problems)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("cloud_tools")
 def test_sdk_check_catches_mistakes():
     job = k8s_docs()["PyTorchJob"]
     bad = json.loads(json.dumps(job))
@@ -532,6 +546,8 @@ def test_manifest_config_and_command_are_valid_trainer_arguments(tmp_path):
     assert cfg.train.resume == "auto" and cfg.train.output_dir.startswith("/shared/")
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("cloud_tools")
 def test_dockerfile_builds_what_the_manifest_runs():
     """Static only (no Docker here): a CUDA base, sources that exist, extras that exist, recent torchrun."""
     from importlib.metadata import metadata
@@ -576,6 +592,8 @@ def sky_from_yaml(path: Path, home: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("cloud_tools")
 def test_skypilot_yaml_is_a_valid_sky_task(tmp_path):
     out = sky_from_yaml(SKY, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

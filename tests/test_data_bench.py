@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO, launch_env
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -23,6 +24,7 @@ def test_the_data_file_is_seeded_and_ultrafeedback_shaped(tmp_path):
     assert sorted(std) == ["chosen", "prompt", "rejected"] and all(isinstance(v, str) for v in std.values())
 
 
+@pytest.mark.slow
 def test_one_command_measures_cold_and_warm(tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "data_bench.py"), "--pairs", "300", "--formats", "conversational",
            "--ranks", "1", "--repeats", "1", "--train-steps", "0", "--out", str(tmp_path)]  # fmt: skip

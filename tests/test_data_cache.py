@@ -23,9 +23,8 @@ from orpo_dist.config import Config, DataConfig, TrainConfig
 from orpo_dist.data import DataError, build_datasets, parallel
 from orpo_dist.data import cache as cache_mod
 from orpo_dist.data.cache import cache_root, tokenised_datasets
-from orpo_dist.distributed import PairShards
 from orpo_dist.layouts import PaddedCollator
-from orpo_dist.loader import PairLoader, pair_lengths
+from orpo_dist.loader import PairLoader, PairShards, pair_lengths
 
 datasets.disable_progress_bars()
 

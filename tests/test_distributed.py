@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 from accelerate.utils import DistributedType
 
-from orpo_dist.distributed import PairShards, check_world_size
+from orpo_dist.distributed import check_world_size
+from orpo_dist.loader import PairShards
 
 
 def shards(n: int, batch: int, accum: int, world: int, seed: int = 0, lengths=None, **kw) -> list[PairShards]:

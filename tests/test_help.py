@@ -41,8 +41,8 @@ def test_help_lists_every_key_with_default_choices_aliases_and_description():
     assert [k.default for k in described] == [getattr(getattr(cfg, k.section), k.name) for k in described]
 
 
-def test_readme_key_table_is_generated_from_the_config():
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "readme_keys.py"), "--check"], env=launch_env(),
+def test_the_options_doc_key_table_is_generated_from_the_config():
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "options_doc.py"), "--check"], env=launch_env(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, "docs/options.md key table is stale: run python scripts/options_doc.py"
 

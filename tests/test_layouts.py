@@ -111,7 +111,7 @@ def test_layout_equals_padded(model, layout, scope):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_filler_pair_and_single_pair(model, layout):
-    """A weight-0 filler pair (distributed.PairShards) and a batch of one pair behave as in padded."""
+    """A weight-0 filler pair (loader.PairShards) and a batch of one pair behave as in padded."""
     pairs = _pairs(model.config.vocab_size)
     for batch_pairs in ([{**pairs[0], "weight": 0.0}, pairs[3]], [pairs[2]]):
         _assert_same(_run(model, make_collator(layout, 0, "prompt_completion")(batch_pairs)),

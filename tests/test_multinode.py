@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ACCEL, REPO, TINY_YAML, free_port, launch_env, read_jsonl
+from helpers import ACCEL, N_PAIRS, REPO, SAVE_AT, STEPS, TINY_YAML, free_port, launch_env, read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_op")]  # launches DeepSpeed ranks
 
-N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tests/configs/tiny.yaml: 5 steps per epoch
 TIMEOUT = 420
 
 

@@ -14,89 +14,30 @@ The first DeepSpeed launch on a machine compiles a small extension (~80 s); late
 
 from __future__ import annotations
 
-import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ACCEL, TINY_YAML, free_port, launch_env, read_jsonl, run_process
+from helpers import (
+    ACCEL,
+    N_PAIRS,
+    SAVE_AT,
+    STEPS,
+    STRATEGIES,
+    TINY_YAML,
+    Run,
+    accelerate_cmd,
+    launch,
+    launch_env,
+    run_process,
+)
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_op")]  # launches DeepSpeed ranks
 
-N_PAIRS, STEPS, SAVE_AT = 34, 8, 4  # as in tests/configs/tiny.yaml
 GLOBAL_BATCH = 8
 STEPS_PER_EPOCH = -(-N_PAIRS // GLOBAL_BATCH)
-TIMEOUT = 600  # a hung collective fails the test instead of blocking CI
-
-# name -> (accelerate launch args, extra env, distributed type the trainer must report)
-STRATEGIES = {
-    "ddp": (["--config_file", str(ACCEL / "multi_gpu.yaml")], {"ACCELERATE_USE_CPU": "true"}, "MULTI_CPU"),
-    "zero2": (["--config_file", str(ACCEL / "zero2.yaml")], {}, "DEEPSPEED"),
-    "zero3": (["--config_file", str(ACCEL / "zero3.yaml")], {}, "DEEPSPEED"),
-}
-
-
-@dataclass
-class Run:
-    rc: int
-    log: str
-    out: Path
-    rows: list[dict]  # metrics.jsonl rows written by this launch
-    trace: list[dict]  # every rank's {rank, world_size, step, ids}
-    data: dict[int, dict] = field(
-        default_factory=dict
-    )  # rank -> {rank, built, directory}: tokenised or memory-mapped
-    resumed_from: Run | None = field(default=None, repr=False)
-
-    def check_ok(self) -> None:
-        assert self.rc == 0, self.log[-6000:]
-
-    def losses(self) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in self.rows if "loss" in r}
-
-    def ids(self, rank: int, step: int) -> list[int]:
-        (row,) = [t for t in self.trace if t["rank"] == rank and t["step"] == step]
-        return row["ids"]
-
-    def weights(self, sub: str = "final") -> dict[str, torch.Tensor]:
-        files = sorted((self.out / sub).glob("*.safetensors"))
-        assert files, f"no safetensors in {self.out / sub}"
-        return {k: v for f in files for k, v in load_file(f).items()}
-
-
-def launch(
-    tmp: Path,
-    name: str,
-    strategy: str | None,
-    model_dir: Path,
-    *overrides: str,
-    out: Path | None = None,
-) -> Run:
-    """One training run: `strategy` None is a plain single process; else 2 ranks under accelerate launch."""
-    out = out or tmp / name
-    trace = tmp / f"trace-{name}"
-    trace.mkdir(parents=True)
-    train = ["-m", "orpo_dist.train", "--config", str(TINY_YAML)]
-    train += ["--model", str(model_dir), "--output_dir", str(out)]
-    env = launch_env(ORPO_DIST_TRACE_DIR=str(trace))
-    if strategy is None:
-        cmd = [sys.executable, *train]
-    else:
-        args, strategy_env, _ = STRATEGIES[strategy]
-        env.update(strategy_env)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, "--num_processes", "2"]
-        cmd += ["--mixed_precision", "no", "--main_process_port", str(free_port()), *train]
-    rc, log = run_process([*cmd, *overrides], env, cwd=tmp, timeout=TIMEOUT)
-    trace_rows = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
-    # a resume keeps the rows up to its checkpoint and logs the steps after it (each step once)
-    resumed = re.search(r"resumed from \S+ at step (\d+)", log)
-    start = int(resumed.group(1)) if resumed else -1
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] > start]
-    data = {row["rank"]: row for f in trace.glob("data_rank*.json") for row in read_jsonl(f)}
-    return Run(rc, log, out, rows, trace_rows, data)
 
 
 LORA = ("--peft", "--lr", "1e-2")
@@ -389,16 +330,7 @@ def test_a_bad_launch_fails_loudly(tmp_path, tiny_model_dir, how, message):
     """Launches that would otherwise train silently on one rank, unsynchronised ranks, or without ZeRO."""
     train = ["-m", "orpo_dist.train", "--config", str(TINY_YAML), "--model", str(tiny_model_dir)]
     train += ["--output_dir", str(tmp_path / "out")]
-    accelerate = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-    ]
-    accelerate += ["--main_process_port", str(free_port())]
+    accelerate = accelerate_cmd(2)
     if how == "world_size_env":  # env says 2 processes, but a plain `python` (no launcher) starts one
         cmd, env = [sys.executable, *train], launch_env(WORLD_SIZE="2")
     elif how == "multi_gpu_without_cpu_flag":

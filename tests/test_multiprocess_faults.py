@@ -2,7 +2,7 @@
 continue, a planted pickle in a ZeRO checkpoint, a hung rank (SIGSTOP) and a lost rank (SIGKILL).
 
 World size and strategy are asserted from what each rank traced (ORPO_DIST_TRACE_DIR), as in
-test_multiprocess.py, whose launch helper this file reuses.
+tests/helpers.py's `launch`, as test_multiprocess.py does.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ACCEL, TINY_YAML, free_port, launch_env, read_jsonl
-from test_multiprocess import SAVE_AT, STEPS, launch
+from helpers import ACCEL, SAVE_AT, STEPS, TINY_YAML, Run, accelerate_cmd, launch, launch_env, read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_op")]  # launches DeepSpeed ranks
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +138,9 @@ class _Payload:
 
 def _launch_zero2(tmp_path, model_dir, out, processes: int, *flags):
     """A ZeRO-2 launch with `processes` ranks (launch() always starts 2)."""
-    from test_multiprocess import Run
-
     trace = tmp_path / f"trace-zero2-{processes}"
     trace.mkdir()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "zero2.yaml"),
-           "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           "-m", "orpo_dist.train", "--config", str(TINY_YAML), "--model", str(model_dir), "--output_dir", str(out),
+    cmd = [*accelerate_cmd(processes, config=ACCEL / "zero2.yaml"), "-m", "orpo_dist.train", "--config", str(TINY_YAML), "--model", str(model_dir), "--output_dir", str(out),
            *flags]  # fmt: skip
     proc = subprocess.run(cmd, env=launch_env(ORPO_DIST_TRACE_DIR=str(trace)), cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
@@ -161,9 +155,7 @@ DDP_TIMEOUT = 20
 
 def _start_long_ddp_run(tmp_path, model_dir) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "multi_gpu.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           "-m", "orpo_dist.train", "--config", str(TINY_YAML), "--model", str(model_dir), "--output_dir", str(out),
+    cmd = [*accelerate_cmd(2, config=ACCEL / "multi_gpu.yaml"), "-m", "orpo_dist.train", "--config", str(TINY_YAML), "--model", str(model_dir), "--output_dir", str(out),
            "--max_samples", "2000", "--max_steps", "100000", "--save_steps", "1000", "--ddp_timeout", str(DDP_TIMEOUT)]  # fmt: skip
     log = (tmp_path / "log.txt").open("w")
     proc = subprocess.Popen(cmd, env=launch_env(ACCELERATE_USE_CPU="true"), cwd=tmp_path, stdout=log,

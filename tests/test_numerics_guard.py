@@ -19,15 +19,44 @@ guard = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(guard)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["layout_padded", "layout_packed", "layout_shared_prefix", "qlora"])
 def test_tiny_runs_match_the_recorded_numbers(name, tmp_path):
-    baseline = json.loads(guard.BASELINE.read_text())[name]
+    baseline = json.loads(guard.BASELINE.read_text())
     got = guard.run(name, tmp_path)
-    assert guard.compare(name, baseline, got) == []
+    problems = guard.compare(name, baseline[name], got)
+    assert problems == [], "\n".join(
+        [*problems, guard.version_changes(baseline.get(guard.VERSIONS_KEY, {}).get(name), guard.versions())]
+    )
 
 
-def test_the_comparison_sees_a_changed_digit():
-    rows = [{"step": 1, "loss": 1.234567, "tokens_per_second": 10.0}]
-    assert guard.compare("x", rows, [dict(rows[0], tokens_per_second=99.0)]) == []
-    assert guard.compare("x", rows, [dict(rows[0], loss=1.234568)]) != []
+def test_last_digit_noise_passes_and_a_real_change_fails():
+    rows = [{"step": 1, "loss": 1.234567, "rewards/chosen": -2.327874, "eval_loss": 12.062981,
+             "n_pairs": 16, "tokens_per_second": 10.0}]  # fmt: skip
+    assert guard.compare("x", rows, [dict(rows[0], tokens_per_second=99.0)]) == []  # wall clock: ignored
+    # the last printed digit moved (another CPU's summation order): within tolerance
+    noise = dict(rows[0], loss=1.234568, **{"rewards/chosen": -2.327875}, eval_loss=12.062983)
+    assert guard.compare("x", rows, [noise]) == []
+    # a real change: the loss nudged by 1e-4, a count off by one, a row missing
+    assert guard.compare("x", rows, [dict(rows[0], loss=1.234567 + 1e-4)]) != []
+    assert guard.compare("x", rows, [dict(rows[0], loss=1.234567 + 1e-5)]) != []
+    assert guard.compare("x", rows, [dict(rows[0], n_pairs=17)]) != []
     assert guard.compare("x", rows, []) != []
+
+
+def test_a_perturbed_loss_in_a_real_run_fails_the_guard(tmp_path, monkeypatch):
+    """The guard on a real tiny run's rows: the rows pass against themselves with noise added, and fail
+    once the loss of every step moves by 1e-4 (what a real change to the objective does)."""
+    rows = json.loads(guard.BASELINE.read_text())["layout_padded"]
+    nudged = [dict(r, loss=r["loss"] + 1e-4) if "loss" in r else r for r in rows]
+    noisy = [{k: (v + 1e-6 if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    assert guard.compare("layout_padded", rows, noisy) == []
+    problems = guard.compare("layout_padded", rows, nudged)
+    assert len(problems) == sum("loss" in r for r in rows) and all(": loss " in p for p in problems)
+
+
+def test_a_mismatch_names_the_libraries_that_changed():
+    line = guard.version_changes({"torch": "2.12.0", "numpy": "2.3.0"}, {"torch": "2.13.0", "numpy": "2.3.0"})
+    assert line == "versions changed since the baseline: torch 2.12.0 -> 2.13.0"
+    assert "not recorded" in guard.version_changes(None, guard.versions())
+    assert guard.versions()["torch"].startswith("2.")

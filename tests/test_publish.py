@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import launch_env, pairs_jsonl, tiny_run
+from helpers import assert_one_error_line, launch_env, pairs_jsonl, tiny_run
 
 import orpo_dist
 from orpo_dist import export as ex
@@ -81,14 +81,14 @@ def _no_token_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_push_to_hub_without_a_token_stops_before_training(tmp_path):
     out = tmp_path / "never"
     cmd = [sys.executable, "-m", "orpo_dist.train", "--push-to-hub", "--hub_model_id", "me/orpo-tiny",
            "--output_dir", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=_no_token_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:]
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "push_to_hub: true needs a Hugging Face token: set HF_TOKEN" in err[0]
+    assert_one_error_line(proc.stderr, "push_to_hub: true needs a Hugging Face token: set HF_TOKEN")
     assert not out.exists()
     proc = subprocess.run(cmd[:4] + ["--output_dir", str(out)], env=_no_token_env(tmp_path), capture_output=True,
                           text=True, timeout=120)  # fmt: skip

@@ -174,6 +174,7 @@ def test_resume_true_means_latest_and_odd_names_are_ignored(copy, tiny_model_dir
 # ------------------------------------------------------------------------------------------ atomic saves
 
 
+@pytest.mark.slow
 def test_a_crash_while_resaving_a_step_never_leaves_a_half_new_checkpoint(copy, tiny_model_dir):
     """Resume from checkpoint-2 with another lr (allowed: the data position means the same) and crash, as kill -9
     would, in the middle of re-saving checkpoint-4: the old checkpoint-4 stays complete and byte-identical."""

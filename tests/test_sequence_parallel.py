@@ -19,12 +19,11 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ACCEL, REPO, TINY_YAML, free_port, launch_env, run_process
+from helpers import ACCEL, REPO, TINY_YAML, accelerate_cmd, assert_one_error_line, launch_env, run_process
 
 from orpo_dist import sequence_parallel
 from orpo_dist.cli import main
@@ -237,10 +236,10 @@ def test_resolve_names_every_number_that_does_not_fit(env, messages):
 
 def test_heads_must_split_over_the_group(tiny_model_dir):
     # the tiny model: 4 attention heads, 2 KV heads
-    sequence_parallel.check_model(_cfg(sp_size=2), str(tiny_model_dir))
-    sequence_parallel.check_model(_cfg(sp_size=4), str(tiny_model_dir))  # KV heads replicated 2x
+    sequence_parallel.check_heads(_cfg(sp_size=2), str(tiny_model_dir))
+    sequence_parallel.check_heads(_cfg(sp_size=4), str(tiny_model_dir))  # KV heads replicated 2x
     with pytest.raises(ConfigError) as e:
-        sequence_parallel.check_model(_cfg(sp_size=3), str(tiny_model_dir))
+        sequence_parallel.check_heads(_cfg(sp_size=3), str(tiny_model_dir))
     assert "num_attention_heads=4 is not divisible by sequence_parallel_size=3" in str(e.value)
     assert "num_key_value_heads=2 and sequence_parallel_size=3" in str(e.value)
 
@@ -256,12 +255,8 @@ def test_cli_stops_before_loading_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     out = tmp_path / "run"
     rc = main(["--config", str(TINY_YAML), "--output_dir", str(out), "--sequence_parallel_size", "2"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        rc == 2
-        and len(err) == 1
-        and err[0].startswith("orpo_dist: sequence_parallel_size=2 needs a DeepSpeed")
-    )
+    assert rc == 2
+    assert_one_error_line(capsys.readouterr().err, "orpo_dist: sequence_parallel_size=2 needs a DeepSpeed")
     assert not (out / "base_model").exists()  # stopped before the model was made or loaded
 
 
@@ -308,16 +303,7 @@ def _reference(tmp: Path, name: str, model_dir: Path, *overrides: str) -> list[d
 def _launch(
     tmp: Path, name: str, model_dir: Path, config: str, n: int, *overrides: str, accel=()
 ) -> list[dict]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{config}.yaml")]
-    cmd += [
-        "--num_processes",
-        str(n),
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        *accel,
-    ]
+    cmd = accelerate_cmd(n, *accel, config=ACCEL / f"{config}.yaml")
     cmd += [str(STEP), str(tmp / name), "--config", str(TINY_YAML), "--model", str(model_dir)]
     cmd += ["--output_dir", str(tmp / name / "run"), *RUN, *overrides]
     rc, log = run_process(cmd, launch_env(), cwd=tmp, timeout=TIMEOUT)
@@ -372,6 +358,7 @@ def tmp(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_op")
 def test_sp2_padded_equals_one_process(tmp, tiny_model_dir):
     want = _reference(tmp, "ref_padded", tiny_model_dir)
     got = _launch(tmp, "sp2_padded", tiny_model_dir, "zero2", 2, "--sequence_parallel_size", "2")
@@ -380,6 +367,7 @@ def test_sp2_padded_equals_one_process(tmp, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_op")
 def test_sp2_packed_lora_zero3_launch_config_equals_one_process(tmp, tiny_model_dir):
     """configs/accelerate/zero3_sp.yaml as shipped (the size overridden on the launch line), packed rows,
     LoRA and gradient checkpointing (the attention exchanges run again in the recomputed forward)."""
@@ -392,6 +380,7 @@ def test_sp2_packed_lora_zero3_launch_config_equals_one_process(tmp, tiny_model_
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_op")
 def test_dp2_sp2_equals_dp2(tmp, tiny_model_dir):
     want = _launch(tmp, "dp2", tiny_model_dir, "zero2", 2)
     _assert_group_layout(want, world=2, sp=1)

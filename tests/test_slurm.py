@@ -26,7 +26,7 @@ RUN_FLAGS = ["--max_samples", "400", "--eval_split", "0.1", "--max_steps", "20",
 STEPS = 200  # optimizer steps of the preempted run
 SETUP_HINT = "start one with `sudo bash scripts/ci_slurm_setup.sh`"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_op")]  # launches DeepSpeed ranks
 
 
 def sh(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_YAML, conversations_jsonl, launch_env
+from helpers import TINY_YAML, assert_one_error_line, conversations_jsonl, launch_env
 
 from orpo_dist.builtin import build_tokenizer
 from orpo_dist.config import ConfigError, load_config
@@ -24,6 +24,7 @@ def _train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_chatml_is_applied_shown_and_saved_everywhere(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -52,6 +53,7 @@ def test_chatml_is_applied_shown_and_saved_everywhere(tmp_path, tiny_model_dir):
         )
 
 
+@pytest.mark.slow
 def test_base_model_without_a_template_stops_naming_chat_template(tmp_path, tiny_model_dir):
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     (base / "chat_template.jinja").unlink()
@@ -63,9 +65,7 @@ def test_base_model_without_a_template_stops_naming_chat_template(tmp_path, tiny
         "--model", str(base), "--data_path", str(data), "--output_dir", str(tmp_path / "o"), cwd=tmp_path
     )
     assert proc.returncode == 2, proc.stdout[-2000:]
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("orpo_dist: ") and "Traceback" not in proc.stderr
-    assert "no chat template" in err[0] and "set chat_template: chatml" in err[0]
+    assert_one_error_line(proc.stderr, "no chat template", "set chat_template: chatml")
     assert "model backend" not in proc.stdout and not (tmp_path / "o" / "final").exists()  # before the model
 
 

@@ -77,16 +77,16 @@ def test_the_logged_row_has_mfu_and_data_wait(tmp_path):
     cfg = Config(train=TrainConfig(output_dir=str(tmp_path)))
 
     def window() -> MetricWindow:  # 2 pairs, 3000 tokens
-        w = MetricWindow()
+        w = MetricWindow(0.1)
         w.add({**{k: torch.tensor(0.5) for k in PAIR_METRICS}, "nll_sum": torch.tensor(4.0),
                "nll_tokens": torch.tensor(8.0), "or_sum": torch.tensor(1.0), "pairs": torch.tensor(2.0),
                "num_tokens": torch.tensor(3000.0)})  # fmt: skip
         return w
 
     log = MetricsLog(accelerator, cfg, FlopsModel(flops_per_token=1e9, peak_tflops=1.0))
-    row = log.log_train(window(), 0.1, seconds=2.0, data_wait=0.25, step=1)
+    row = log.log_train(window(), seconds=2.0, data_wait=0.25, step=1)
     assert row["tokens_per_second"] == 1500.0
     assert row["mfu"] == pytest.approx(1500 * 1e9 / 1e12)
     assert row["data_wait_seconds"] == 0.25
-    no_gpu = MetricsLog(accelerator, cfg).log_train(window(), 0.1, seconds=2.0, data_wait=0.0, step=2)
+    no_gpu = MetricsLog(accelerator, cfg).log_train(window(), seconds=2.0, data_wait=0.0, step=2)
     assert "mfu" not in no_gpu and no_gpu["data_wait_seconds"] == 0.0

@@ -82,6 +82,7 @@ def _train_until_preempted(cmd: list[str], env: dict[str, str], cwd: Path) -> tu
     return proc.wait(timeout=300), "".join(out)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_trl_names_and_a_requeued_run_continues_it(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "orpo_dist.train", "--config", str(TINY_YAML), "--output_dir", str(out),
@@ -133,6 +134,7 @@ def test_wandb_offline_run_has_trl_names_and_a_requeued_run_continues_it(tmp_pat
     assert evals[0]["train/global_step"] == 0 and evals[-1]["train/global_step"] == 60
 
 
+@pytest.mark.slow
 def test_wandb_run_id_from_the_environment(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "orpo_dist.train", "--config", str(TINY_YAML), "--output_dir", str(out),

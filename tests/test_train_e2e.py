@@ -49,7 +49,7 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def test_training_restores_the_callers_signal_handlers(tmp_path):
-    """distributed.Preemption hands SIGUSR1/SIGTERM back after training (Python-API callers stay stoppable)."""
+    """preemption.Preemption hands SIGUSR1/SIGTERM back after training (Python-API callers stay stoppable)."""
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     run = {**E2E_CONFIG, "max_samples": 32, "max_steps": 1, "eval_split": 0, "output_dir": str(tmp_path)}
     orpo_dist.train(run)

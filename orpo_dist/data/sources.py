@@ -77,7 +77,7 @@ def load_source(path: str, split: str, seed: int, max_samples: int | None) -> So
     suffix = suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) == 2 else p.suffix.lower()
     if p.is_file():
         if suffix in (".jsonl", ".json"):
-            return _read_json(path, _read_bytes(p), max_samples, lines_only=suffix == ".jsonl")
+            return _json_rows(path, _read_bytes(p), max_samples, lines_only=suffix == ".jsonl")
         if suffix == ".csv":
             return _read_csv(path, _read_bytes(p), max_samples)
         if suffix == ".parquet":
@@ -170,7 +170,7 @@ def _decode(name: str, data: bytes) -> tuple[list[str], list[str | None]]:
     return lines, errors
 
 
-def _read_json(name: str, data: bytes, max_samples: int | None, lines_only: bool = False) -> Source:
+def _json_rows(name: str, data: bytes, max_samples: int | None, lines_only: bool = False) -> Source:
     """A JSON list of objects (1-based rows), or JSON lines (1-based line numbers, blank lines skipped).
 
     A `.jsonl` file is always JSON lines (a line holding an array is a bad row, not the whole file).
@@ -228,7 +228,7 @@ def _read_csv(name: str, data: bytes, max_samples: int | None) -> Source:
     except pd.errors.EmptyDataError:
         raise DataError(f"{name}: the file is empty (no header, no rows)") from None
     except (pd.errors.ParserError, ValueError) as e:
-        raise DataError(f"{name}: malformed CSV ({one_line(str(e))})") from None
+        raise DataError(f"{name}: malformed CSV ({squash_whitespace(str(e))})") from None
     if frame.empty:
         raise DataError(f"{name}: no rows, only a header ({', '.join(map(str, frame.columns))})")
     rows = [{k: (None if v is None or v != v else v) for k, v in r.items()} for r in frame.to_dict("records")]
@@ -241,7 +241,8 @@ def _non_empty(source: Source) -> Source:
     return source
 
 
-def one_line(text: str) -> str:
+def squash_whitespace(text: str) -> str:
+    """All whitespace runs (newlines included) as one space: a library message inside ours."""
     return " ".join(text.split())
 
 
