@@ -15,6 +15,11 @@ Runs (all on CPU, one intra-op thread each, so results do not depend on the mach
 Every key of every metrics.jsonl row is compared except wall-clock ones (tokens_per_second, ...), within
 TOLERANCE. The library versions a baseline was recorded with are kept beside it and printed on a mismatch,
 so a number moved by a new release names the release. tests/test_numerics_guard.py runs the layout runs.
+
+The quickstart trains 113 steps at lr 3e-3: last-digit noise grows along such a trajectory, so it matches
+only on the CPU (and libraries) that recorded it. Measured: the unchanged code of 41fe73c on an Intel Xeon
+against its AMD EPYC baseline differs in 111 values (grad_norm at step 30: 5.148443 vs 5.146109). A
+mismatch prints the recorded and the current CPU and versions; re-record it there, saying so in the commit.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # values above 1 (a loss of 12 holds ~1e-6 float32 noise). A real change - a 1e-4 nudge of the loss, a
 # token more or less in a mean, another data order - moves numbers by 1e-4 or more (test_numerics_guard).
 TOLERANCE = {"abs": 2e-6, "rel": 1e-6}
+# A gradient norm sums the squares of every gradient entry (87k-1M float32 values in these runs), so its
+# own rounding noise is larger: measured 2.0e-6 relative between the two CPUs above (layout_padded step 7:
+# 9.282887 vs 9.282906). 1e-5 relative absorbs that; a changed objective moves it by far more.
+KEY_TOLERANCE = {"grad_norm": {"abs": 2e-6, "rel": 1e-5}}
 VERSIONS_KEY = "_versions"  # baseline.json: {run: rows, ..., "_versions": {run: {library: version}}}
 LIBRARIES = (
     "torch",
@@ -105,7 +114,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
 
-    found = {"python": platform.python_version(), "machine": platform.machine()}
+    found = {"python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_model()}
     for lib in LIBRARIES:
         try:
             found[lib] = md.version(lib)
@@ -114,19 +123,33 @@ def versions() -> dict[str, str]:
     return found
 
 
-def close(want, got) -> bool:
-    """Equal, or both numbers within TOLERANCE (bools and strings must be equal)."""
+def _cpu_model() -> str:
+    """The CPU's model name: another CPU sums in another order (its BLAS kernels), so long runs drift."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def close(want, got, key: str = "") -> bool:
+    """Equal, or both numbers within the tolerance for `key` (bools and strings must be equal)."""
     if isinstance(want, bool) or isinstance(got, bool) or not isinstance(want, (int, float)):
         return want == got
     if not isinstance(got, (int, float)):
         return False
-    return abs(got - want) <= TOLERANCE["abs"] + TOLERANCE["rel"] * abs(want)
+    tol = KEY_TOLERANCE.get(key, TOLERANCE)
+    return abs(got - want) <= tol["abs"] + tol["rel"] * abs(want)
 
 
-def _values_close(want, got) -> bool:
+def _values_close(want, got, key: str) -> bool:
     if isinstance(want, list) and isinstance(got, list):
-        return len(want) == len(got) and all(close(w, g) for w, g in zip(want, got))
-    return close(want, got)
+        return len(want) == len(got) and all(close(w, g, key) for w, g in zip(want, got))
+    return close(want, got, key)
 
 
 def compare(name: str, want: list[dict], got: list[dict]) -> list[str]:
@@ -138,7 +161,7 @@ def compare(name: str, want: list[dict], got: list[dict]) -> list[str]:
         for key in sorted(set(w) - TIMING_KEYS):
             if key not in g:
                 problems.append(f"{name} row {i}: {key} missing (baseline {w[key]})")
-            elif not _values_close(w[key], g[key]):
+            elif not _values_close(w[key], g[key], key):
                 problems.append(f"{name} row {i} (step {w.get('step')}): {key} {g[key]} != baseline {w[key]}")
     return problems
 
