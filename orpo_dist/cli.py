@@ -18,7 +18,7 @@ from collections.abc import Callable
 from importlib.resources import files
 
 from orpo_dist.config import Config, ConfigError, load_config
-from orpo_dist.console import setup_logging
+from orpo_dist.console import one_line, setup_logging
 from orpo_dist.preemption import record_early
 
 USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
@@ -92,14 +92,6 @@ def parse(argv: list[str]) -> tuple[Config, bool]:
             i += 1
     preset = not argv or config_path == QUICKSTART
     return load_config(quickstart_preset() if preset else config_path, rest), preset
-
-
-def one_line(message: str) -> str:
-    """A message for one stderr line: `invalid config:\n  - a\n  - b` -> `invalid config: a; b`."""
-    lines = [line.strip().removeprefix("- ") for line in str(message).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} {'; '.join(lines[1:])}"
-    return "; ".join(lines)
 
 
 def _fail(message: str, code: int) -> int:

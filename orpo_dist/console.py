@@ -1,7 +1,8 @@
 """Where log lines go: orpo_dist's own lines carry the `[orpo_dist]` prefix; every other library's keep
 their own name, and a few known notices that tell a user nothing actionable are dropped.
 
-Only `setup_logging()` (called once by the command line) changes global logging state.
+Only `setup_logging()` (called once by the command line) changes global logging state. `one_line` makes any
+message one stderr line (the `orpo_dist: ...` of a user mistake or a fault).
 """
 
 from __future__ import annotations
@@ -55,3 +56,11 @@ def setup_logging() -> None:
         handler.addFilter(noise)
     for handler in logging.getLogger("DeepSpeed").handlers:
         handler.addFilter(noise)
+
+
+def one_line(message: str) -> str:
+    """A message for one stderr line: `invalid config:\n  - a\n  - b` -> `invalid config: a; b`."""
+    lines = [line.strip().removeprefix("- ") for line in str(message).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return "; ".join(lines)
