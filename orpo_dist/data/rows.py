@@ -16,7 +16,7 @@ import datasets
 from trl.data_utils import extract_prompt, is_conversational, maybe_apply_chat_template, maybe_extract_prompt
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.report import DataError
+from orpo_dist.data.summary import DataError
 from orpo_dist.data.sources import Source, type_name
 
 SKIP_HINT = "Fix the row, or set skip_invalid: true to drop such rows (they are counted in the log)."

@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 
 from orpo_dist.builtin import BUILTIN_PREFIX, builtin_pairs
-from orpo_dist.data.report import DataError
+from orpo_dist.data.summary import DataError
 
 ACCEPTED = (
     "a .jsonl, .json, .csv or .parquet file, a directory holding train.jsonl|csv|parquet (AutoTrain's "
