@@ -152,6 +152,14 @@ def _normalise(
         example = maybe_extract_prompt(example) if conversational else _split_implicit(**example)
         for std in ("chosen", "rejected"):
             _check_value(columns[std], example[std], conversational)
+    if conversational:
+        for std in ("chosen", "rejected"):  # a trailing `user: thanks` would be trained as the completion
+            last = example[std][-1]["role"] if example[std] else None
+            if last != "assistant":
+                raise _BadRow(
+                    "last turn not the assistant's", columns[std],
+                    f"the last message has role {last!r}; a completion must end with the assistant's turn",
+                )  # fmt: skip
     if not conversational:
         return example
     if not isinstance(example["prompt"], list) or not example["prompt"]:
