@@ -11,6 +11,7 @@ reason, before any model is loaded); 3 preempted with a checkpoint saved (run ag
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -107,6 +108,66 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+# The machine's or the network's fault, not orpo_dist's: one line, not a traceback (ORPO_DIST_DEBUG=1 shows it).
+DISK_FULL = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EIO,
+)  # a fault: exit 1; any other OSError names a path to fix: 2
+NETWORK = {"ConnectionError", "ConnectError", "NetworkError", "TimeoutException", "URLError", "HTTPError",
+           "ProxyError", "SSLError", "Timeout", "RemoteDisconnected"}  # fmt: skip
+PATH_MISTAKES = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+
+
+def debugging() -> bool:
+    return os.environ.get("ORPO_DIST_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def environment_fault(e: BaseException) -> tuple[str, int] | None:
+    """(one line, exit code) for a network error or an OSError (read-only, disk full, not a directory,
+    file exists, ...), naming the path; None for anything else (a bug keeps its traceback)."""
+    names = {k.__name__ for k in type(e).__mro__}
+    if names & NETWORK:
+        return (
+            f"network error ({type(e).__name__}: {one_line(str(e))[:300]}); check the connection, or set HF_HUB_OFFLINE=1 with everything cached",
+            1,
+        )
+    if not isinstance(e, OSError):
+        return None
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    what = e.strerror or one_line(str(e))[:300] or type(e).__name__
+    where = f"{what}: {paths}" if paths else what
+    if e.errno in DISK_FULL:
+        return f"{where} ({type(e).__name__}); free space, then run again", 1
+    if isinstance(e, PATH_MISTAKES) or e.errno == errno.EROFS:
+        fix = (
+            "a path that exists and is writable"
+            if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
+            else "the path"
+        )
+        return f"{where} ({type(e).__name__}); check {fix}", 2
+    return f"{where} ({type(e).__name__})", 1
+
+
+def guarded(body: Callable[[], int]) -> int:
+    """Run a command's body: mistakes (ConfigError, DataError) exit 2 and environment faults exit 1 or 2,
+    each as one `orpo_dist: ...` line on stderr; with ORPO_DIST_DEBUG=1 they raise with their traceback."""
+    try:
+        return body()
+    except Exception as e:
+        if debugging():
+            raise
+        data = sys.modules.get("orpo_dist.data.report")  # not imported: no DataError was raised
+        if isinstance(e, ConfigError):
+            return _fail(str(e), 2)
+        if data and isinstance(e, data.DataError):
+            return _fail(f"data error: {e}", 2)
+        fault = environment_fault(e)
+        if fault is None:
+            raise
+        return _fail(*fault)
+
+
 def _catch_stop_signals() -> tuple[Callable[[], bool], dict]:
     """Record SIGUSR1 / SIGTERM from the very start, so one that arrives while torch is still importing
     or the model loading stops the run at its first step boundary with exit 3 (not signal death)."""
@@ -149,16 +210,16 @@ def _main(argv: list[str], signalled: Callable[[], bool]) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernel notice, not actionable
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    try:
-        cfg, preset = parse(argv)
-    except ConfigError as e:
-        return _fail(str(e), 2)
+    return guarded(lambda: _train(argv, signalled))
+
+
+def _train(argv: list[str], signalled: Callable[[], bool]) -> int:
+    cfg, preset = parse(argv)
     if not sys.stderr.isatty():  # progress bars in a log are noise, and would bury a one-line error
         import datasets
 
         datasets.disable_progress_bars()
     from orpo_dist.checkpoint import CheckpointError
-    from orpo_dist.data import DataError
     from orpo_dist.export import ExportError
     from orpo_dist.health import NonFiniteError
     from orpo_dist.trainer import exit_code, run
@@ -167,14 +228,12 @@ def _main(argv: list[str], signalled: Callable[[], bool]) -> int:
         print(f"[orpo_dist] running the built-in quickstart ({quickstart_preset()})", flush=True)
     try:
         return exit_code(run(cfg, signalled))
-    except ConfigError as e:
-        return _fail(str(e), 2)
-    except DataError as e:
-        return _fail(f"data error: {e}", 2)
     except (NonFiniteError, CheckpointError, ExportError) as e:
+        if debugging():
+            raise
         return _fail(str(e), 1)
     except Exception as e:
-        if not _lost_peer(e):
+        if not _lost_peer(e) or debugging():
             raise
         return _fail(
             f"a rank stopped answering (hung or lost; collectives wait ddp_timeout={cfg.train.ddp_timeout}s): "

@@ -4,7 +4,10 @@ config files that say what they ignore, trackers and the Hub, conversations that
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from pathlib import Path
 
 import datasets
 import pytest
@@ -57,4 +60,164 @@ def test_a_conversation_with_an_explicit_prompt_and_a_user_tail_is_refused(tmp_p
     rows = [{"prompt": [_turn("user", "Hi?")], "chosen": [_turn("assistant", "Hello")],
              "rejected": [_turn("assistant", "No"), _turn("user", "why?")]}]  # fmt: skip
     with pytest.raises(DataError, match=r"line 1, field 'rejected': the last message has role 'user'"):
-        build_datasets(DataConfig(data_path=write_jsonl(tmp_path / "c.jsonl", rows), eval_split=0.0), tokenizer, 0)
+        build_datasets(
+            DataConfig(data_path=write_jsonl(tmp_path / "c.jsonl", rows), eval_split=0.0), tokenizer, 0
+        )
+
+
+# ------------------------------------------------------------------------------------------ 1. export never overwrites its inputs
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter whose base is a local copy of the tiny model (the copy may be targeted by --out)."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapter_run")
+    base = Path(shutil.copytree(tiny_model_dir, root / "base"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    model.save_pretrained(root / "run" / "final")
+    return root / "run" / "final", base
+
+
+def _digest_dir(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _refused(capsys, argv, *, match: str) -> None:
+    from orpo_dist import export as ex
+
+    assert ex.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("orpo_dist: ") and re.search(match, err[0]), err
+
+
+@pytest.mark.parametrize(
+    "where,match",
+    [
+        ("base", r"is the adapter's base model"),
+        ("base/sub", r"is inside the adapter's base model"),
+        ("ckpt", r"is the checkpoint"),
+        ("ckpt/merged", r"is inside the checkpoint"),
+        ("link-to-base", r"is the adapter's base model"),
+        ("link-to-base/x", r"is inside the adapter's base model"),
+    ],
+)
+def test_export_out_that_is_or_is_inside_an_input_is_refused_before_loading(
+    adapter_run, tmp_path, capsys, monkeypatch, where, match
+):
+    from orpo_dist import export as ex
+
+    ckpt, base = adapter_run
+    (tmp_path / "link-to-base").symlink_to(base)
+    out = {"base": base, "ckpt": ckpt}.get(where.split("/")[0], tmp_path / where.split("/")[0])
+    out = out / where.split("/")[1] if "/" in where else out
+    before = _digest_dir(base), _digest_dir(ckpt)
+    monkeypatch.setattr(ex, "_load_16bit", lambda *a, **k: pytest.fail("a model was loaded"))
+    _refused(capsys, ["--checkpoint", str(ckpt), "--format", "merged_16bit", "--out", str(out)], match=match)
+    _refused(capsys, ["--checkpoint", str(ckpt), "--format", "gguf", "--out", str(out)], match=match)
+    assert (_digest_dir(base), _digest_dir(ckpt)) == before
+    assert not (base / "sub").exists() and not (ckpt / "merged").exists()
+
+
+def test_export_out_holding_weights_orpo_dist_did_not_write_is_refused(adapter_run, tmp_path, capsys):
+    ckpt, _ = adapter_run
+    for name in ("model.safetensors", "pytorch_model.bin", "x.gguf", "pytorch_model-00001-of-00002.bin"):
+        other = tmp_path / name.replace(".", "_")
+        other.mkdir()
+        (other / name).write_bytes(b"weights")
+        _refused(capsys, ["--checkpoint", str(ckpt), "--format", "merged_16bit", "--out", str(other)],
+                 match=rf"already holds model weights orpo_dist did not write \({re.escape(name)}")  # fmt: skip
+        assert (other / name).read_bytes() == b"weights"
+
+
+def test_export_out_under_a_file_is_refused(adapter_run, tmp_path, capsys):
+    ckpt, _ = adapter_run
+    (tmp_path / "notes.txt").write_text("x")
+    for out, match in (
+        (tmp_path / "notes.txt", "is a file"),
+        (tmp_path / "notes.txt" / "m", "which is a file"),
+    ):
+        _refused(
+            capsys, ["--checkpoint", str(ckpt), "--format", "merged_16bit", "--out", str(out)], match=match
+        )
+
+
+def test_export_rewrites_its_own_earlier_export(adapter_run, tmp_path, capsys):
+    """The marker: a directory orpo_dist exported to may be exported to again (not someone else's weights)."""
+    from orpo_dist import export as ex
+    from orpo_dist.paths import MARKER
+
+    ckpt, _ = adapter_run
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--format",
+        "merged_16bit",
+        "--out",
+        str(tmp_path / "m"),
+        "--dtype",
+        "float16",
+    ]
+    assert ex.main(argv) == 0 and (tmp_path / "m" / MARKER).is_file()
+    assert ex.main(argv) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "base,match",
+    [
+        ("/no/such/base", "does not exist on this machine"),
+        ("someone/uncached-model-xyz", "not in the Hugging Face cache, and HF_HUB_OFFLINE is set"),
+        ("not a valid id!", "does not exist on this machine"),
+    ],
+)
+def test_an_adapter_base_that_cannot_be_found_is_one_line(
+    adapter_run, tmp_path, capsys, monkeypatch, base, match
+):
+    from orpo_dist import export as ex
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(ex, "_load_16bit", lambda *a, **k: pytest.fail("a model was loaded"))
+    ckpt, _ = adapter_run
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--format",
+        "merged_16bit",
+        "--out",
+        str(tmp_path / "m"),
+        "--base-model",
+        base,
+    ]
+    _refused(capsys, argv, match=match)
+
+
+def test_training_time_export_may_not_write_into_the_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    from orpo_dist.config import ConfigError, load_config
+    from orpo_dist.preflight import check_run
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    for output_dir in (model, model / "runs" / "a"):
+        cfg = load_config(None, {"model": str(model), "output_dir": str(output_dir), "export": ["merged_16bit"],
+                                 "data_path": "builtin:capitals"})  # fmt: skip
+        with pytest.raises(ConfigError, match=r"is inside the model"):
+            check_run(cfg, 1, "NO")
+    (tmp_path / "run" / "export" / "merged").mkdir(parents=True)
+    (tmp_path / "run" / "export" / "merged" / "model.safetensors").write_bytes(b"x")
+    cfg = load_config(None, {"model": str(model), "output_dir": str(tmp_path / "run"), "export": ["merged_16bit"],
+                             "data_path": "builtin:capitals", "resume": "auto"})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"already holds model weights orpo_dist did not write"):
+        check_run(cfg, 1, "NO")
