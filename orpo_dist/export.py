@@ -279,7 +279,12 @@ def _export_command(args: argparse.Namespace, formats: list[str]) -> int:
     try:
         result = export(args.checkpoint, args.out, formats, gguf_quant=args.quant, dtype=args.dtype,
                         base_model=args.base_model, trust_remote_code=args.trust_remote_code)  # fmt: skip
-    except (ValueError, ImportError, ExportError) as e:  # a bad argument, a missing toolchain, a failed step
+    except (
+        FileNotFoundError,
+        ValueError,
+        ImportError,
+        ExportError,
+    ) as e:  # no checkpoint, a bad argument, no toolchain, a failed step
         if isinstance(e, ConfigError):
             raise
         print(f"orpo_dist: export failed: {one_line(str(e))}", file=sys.stderr)
