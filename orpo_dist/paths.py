@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from orpo_dist.config import ConfigError
+from orpo_dist.config.schema import Config, ConfigError
 
 MARKER = ".orpo_dist_export"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "pytorch_model*")
@@ -30,6 +30,29 @@ def expand(value: str, key: str) -> str:
         names = ", ".join(f"${name}" for name in dict.fromkeys(unset))
         raise ConfigError(f"{key}={value!r}: {names} is not set; set it, or write the path out")
     return os.path.expanduser(os.path.expandvars(value))
+
+
+# path settings ((section, key)), expanded once when the config is read
+PATH_KEYS = (("model", "model"), ("data", "data_path"), ("data", "eval_data_path"), ("data", "cache_dir"),
+             ("data", "chat_template"), ("train", "output_dir"), ("train", "resume"))  # fmt: skip
+
+
+def expand_settings(cfg: Config) -> list[str]:
+    """Expand `~` and `$VAR` in every path setting of `cfg` in place; the problems (an unset variable,
+    an empty output_dir, which would write the whole run into the current directory)."""
+    problems = []
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, str) and ("$" in value or value.startswith("~")):
+            try:
+                setattr(getattr(cfg, section), key, expand(value, key))
+            except ConfigError as e:
+                problems.append(str(e))
+    if not cfg.train.output_dir.strip():
+        problems.append(
+            "output_dir is empty: the run would be written into the current directory; name one, e.g. outputs/run"
+        )
+    return problems
 
 
 def model_weights(directory: Path) -> list[str]:

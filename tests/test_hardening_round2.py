@@ -4,9 +4,12 @@ config files that say what they ignore, trackers and the Hub, conversations that
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import datasets
@@ -221,3 +224,219 @@ def test_training_time_export_may_not_write_into_the_model(tiny_model_dir, tmp_p
                              "data_path": "builtin:capitals", "resume": "auto"})  # fmt: skip
     with pytest.raises(ConfigError, match=r"already holds model weights orpo_dist did not write"):
         check_run(cfg, 1, "NO")
+
+
+# ------------------------------------------------------------------------------------------ 2. a cache entry is verified
+
+
+@pytest.fixture
+def cached(tmp_path, tokenizer):
+    """A run's config and its built cache entry (40 pairs, 8 held out)."""
+    from test_data_cache import config, load, write_pairs
+
+    write_pairs(tmp_path / "pairs.jsonl", 40)
+    cfg = config(tmp_path)
+    got, _ = load(cfg, tokenizer)
+    return cfg, got.directory, got.train.to_list()
+
+
+def _reload(cfg, tokenizer):
+    from test_data_cache import load
+
+    return load(cfg, tokenizer)
+
+
+def _swap_train_for_eval_link(entry):
+    shutil.rmtree(entry / "train")
+    (entry / "train").symlink_to(entry / "eval", target_is_directory=True)
+
+
+def _link_one_file(entry):
+    arrow = next((entry / "train").glob("*.arrow"))
+    shutil.copy(arrow, entry / "elsewhere.arrow")
+    arrow.unlink()
+    arrow.symlink_to(entry / "elsewhere.arrow")
+
+
+def _rename_swap(entry):
+    (entry / "train").rename(entry / "t")
+    (entry / "eval").rename(entry / "train")
+    (entry / "t").rename(entry / "eval")
+
+
+def _flip_bytes(entry):
+    arrow = max((entry / "train").glob("*.arrow"), key=lambda f: f.stat().st_size)
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+
+
+def _report(change):
+    def edit(entry):
+        info = json.loads((entry / "report.json").read_text())
+        (entry / "report.json").write_text(json.dumps(change(info)))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "tamper,why",
+    [
+        (_swap_train_for_eval_link, "is a symlink"),
+        (_link_one_file, "is a symlink"),
+        (_rename_swap, "differ from what was recorded"),
+        (_flip_bytes, "the files of its train/ split differ"),
+        (_report(lambda i: [i]), "malformed"),
+        (_report(lambda i: {**i, "report": "1801 pairs"}), "malformed"),
+        (_report(lambda i: {**i, "report": {**i["report"], "used_train": "1801"}}), "malformed"),
+        (_report(lambda i: {**i, "report": {**i["report"], "extra": 1}}), "malformed"),
+        (_report(lambda i: {**i, "build_id": 7}), "malformed"),
+        (_report(lambda i: {k: v for k, v in i.items() if k != "manifest"}), "malformed"),
+        (
+            _report(
+                lambda i: {
+                    **i,
+                    "manifest": {
+                        "train": {**i["manifest"]["train"], "rows": 1801},
+                        "eval": i["manifest"]["eval"],
+                    },
+                }
+            ),
+            "row counts",
+        ),
+        (lambda e: (e / "report.json").write_bytes(b"\xff\xfe{"), "not JSON"),
+    ],
+)
+def test_a_tampered_cache_entry_is_a_miss_rebuilt_with_the_reason(cached, tokenizer, tamper, why):
+    cfg, entry, train_rows = cached
+    tamper(entry)
+    got, lines = _reload(cfg, tokenizer)
+    assert got.built and got.directory == entry
+    assert lines[0].startswith(
+        f"tokenised cache: miss: building (the cache in {entry} is unreadable or stale: "
+    )
+    assert why in lines[0], lines[0]
+    assert got.train.to_list() == train_rows and len(got.eval) == 8
+    assert not any(p.is_symlink() for p in entry.rglob("*"))
+    again, lines = _reload(cfg, tokenizer)  # the rebuilt entry is a hit
+    assert not again.built and lines == [f"tokenised cache: hit {entry}"]
+
+
+# ------------------------------------------------------------------------------------------ 3. odd cache and output locations
+
+
+def _no_partial(root: Path) -> None:
+    assert not [
+        p for p in root.rglob("*") if p.name.startswith((".tmp-", ".old-")) or p.name.endswith(".partial")
+    ]
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line_before_tokenising(tmp_path, tokenizer, monkeypatch):
+    from test_data_cache import config, load, write_pairs
+
+    from orpo_dist.config import ConfigError
+    from orpo_dist.data import cache as cache_mod
+
+    write_pairs(tmp_path / "pairs.jsonl", 20)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(cache_mod, "build_datasets", lambda *a: pytest.fail("tokenised before the check"))
+    for cache_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(
+            ConfigError, match=rf"cache_dir {re.escape(str(cache_dir))}: cannot write .* set cache_dir"
+        ):
+            load(config(tmp_path, cache_dir=str(cache_dir)), tokenizer)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_read_only_cache_dir_on_a_miss_is_one_line(tmp_path, tokenizer, monkeypatch):
+    from test_data_cache import config, load, write_pairs
+
+    from orpo_dist.config import ConfigError
+
+    write_pairs(tmp_path / "pairs.jsonl", 20)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+
+    mkdtemp = tempfile.mkdtemp
+
+    def read_only(suffix=None, prefix=None, dir=None):  # what a read-only mount answers (root ignores chmod: simulated)
+        if dir is not None and Path(dir) == ro:
+            raise OSError(errno.EROFS, "Read-only file system", str(ro))
+        return mkdtemp(suffix, prefix, dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(
+        ConfigError,
+        match=rf"cache_dir {re.escape(str(ro))}: cannot write the tokenised cache there \(Read-only file system",
+    ):
+        load(config(tmp_path, cache_dir=str(ro)), tokenizer)
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["train", "eval", "report"])
+def test_a_full_disk_during_the_cache_build_leaves_nothing(tmp_path, tokenizer, monkeypatch, where):
+    from test_data_cache import config, load, write_pairs
+
+    from orpo_dist.cli import environment_fault
+
+    write_pairs(tmp_path / "pairs.jsonl", 20)
+    cfg = config(tmp_path)
+    save, write = datasets.Dataset.save_to_disk, Path.write_text
+
+    def full(self, path, **kw):
+        save(self, path, **kw)
+        if str(path).endswith(where):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def full_text(self, text, *a, **k):
+        if self.name == "report.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write(self, text, *a, **k)
+
+    if where == "report":
+        monkeypatch.setattr(Path, "write_text", full_text)
+    else:
+        monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
+    with pytest.raises(OSError) as e:
+        load(cfg, tokenizer)
+    line, code = environment_fault(e.value)
+    assert code == 1 and "No space left on device" in line and str(tmp_path / "out" / "data_cache") in line
+    root = tmp_path / "out" / "data_cache"
+    assert list(root.iterdir()) == []  # no entry, no temporary build: the space is free again
+
+
+@pytest.mark.parametrize("value", ["$ORPO_TEST_UNSET/cache", "${ORPO_TEST_UNSET}/c", "~/x/$ORPO_TEST_UNSET"])
+def test_an_unset_variable_in_a_path_is_refused_never_a_literal_directory(
+    tmp_path, tokenizer, monkeypatch, value
+):
+    from test_data_cache import config, load, write_pairs
+
+    from orpo_dist.config import ConfigError, load_config
+
+    monkeypatch.delenv("ORPO_TEST_UNSET", raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_pairs(tmp_path / "pairs.jsonl", 20)
+    with pytest.raises(ConfigError, match=r"\$ORPO_TEST_UNSET is not set"):
+        load(config(tmp_path, cache_dir=value), tokenizer)
+    for key in ("output_dir", "cache_dir", "data_path"):
+        with pytest.raises(ConfigError, match=rf"{key}=.*\$ORPO_TEST_UNSET is not set"):
+            load_config(None, {key: value})
+    assert not list(tmp_path.rglob("*ORPO_TEST_UNSET*")) and not list(tmp_path.rglob("$*"))
+
+
+def test_variables_and_home_in_paths_are_expanded(tmp_path, monkeypatch):
+    from orpo_dist.config import load_config
+
+    monkeypatch.setenv("ORPO_TEST_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, {"output_dir": "$ORPO_TEST_SCRATCH/run", "cache_dir": "~/cache"})
+    assert cfg.train.output_dir == str(tmp_path / "scratch" / "run")
+    assert cfg.data.cache_dir == str(tmp_path / "home" / "cache")
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_output_dir_is_refused(value):
+    from orpo_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"output_dir is empty"):
+        load_config(None, ["--output_dir", value])

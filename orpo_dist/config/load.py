@@ -21,6 +21,7 @@ import yaml
 
 from orpo_dist.config.checks import problems
 from orpo_dist.config.schema import CHAT_TEMPLATES, SECTIONS, Config, ConfigError
+from orpo_dist.paths import expand_settings
 
 # Other tools' names -> ours.
 ALIASES: dict[str, str] = {
@@ -349,6 +350,7 @@ def load_config(
     d = cfg.data  # Axolotl `sequence_len: 256` alone: a prompt budget that fits
     if d.max_prompt_length >= d.max_length and "max_prompt_length" not in {canonical(k) for k, _ in items}:
         d.max_prompt_length = d.max_length // 2
+    errors += expand_settings(cfg)  # `~` and `$VAR` in paths, as a shell would
     errors += problems(cfg)  # every problem at once: bad values and bad combinations
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
