@@ -359,7 +359,9 @@ def test_a_read_only_cache_dir_on_a_miss_is_one_line(tmp_path, tokenizer, monkey
 
     mkdtemp = tempfile.mkdtemp
 
-    def read_only(suffix=None, prefix=None, dir=None):  # what a read-only mount answers (root ignores chmod: simulated)
+    def read_only(
+        suffix=None, prefix=None, dir=None
+    ):  # what a read-only mount answers (root ignores chmod: simulated)
         if dir is not None and Path(dir) == ro:
             raise OSError(errno.EROFS, "Read-only file system", str(ro))
         return mkdtemp(suffix, prefix, dir)
@@ -440,3 +442,83 @@ def test_an_empty_output_dir_is_refused(value):
 
     with pytest.raises(ConfigError, match=r"output_dir is empty"):
         load_config(None, ["--output_dir", value])
+
+
+def _fake_checkpoint(path: Path, step: int) -> Path:
+    from orpo_dist.resume import COMPLETE_MARKER
+
+    path.mkdir(parents=True)
+    (path / COMPLETE_MARKER).write_text(json.dumps({"epoch": 0, "step_in_epoch": step, "global_step": step}))
+    (path / "precious.bin").write_bytes(b"keep me")
+    return path
+
+
+def test_rotation_and_resume_never_follow_a_checkpoint_symlink_out_of_the_run(tmp_path):
+    from orpo_dist.checkpoint import Checkpointer
+    from orpo_dist.config import ConfigError, load_config
+    from orpo_dist.resume import complete_checkpoints, find_resume_point
+
+    out = tmp_path / "run"
+    elsewhere = _fake_checkpoint(tmp_path / "elsewhere" / "checkpoint-1", 1)
+    for step in (2, 4):
+        _fake_checkpoint(out / f"checkpoint-{step}", step)
+    (out / "checkpoint-1").symlink_to(elsewhere, target_is_directory=True)
+    (out / "checkpoint-9").symlink_to(elsewhere, target_is_directory=True)  # newest by name
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    # a real directory whose COMPLETE marker is a link out of the run is not complete either
+    _fake_checkpoint(tmp_path / "x", 0)
+    (out / "checkpoint-7").mkdir()
+    (out / "checkpoint-7" / "COMPLETE").symlink_to(tmp_path / "x" / "COMPLETE")
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+
+    rotate = Checkpointer.__new__(Checkpointer)
+    rotate.out, rotate.cfg = out, load_config(None, {"output_dir": str(out), "save_total_limit": 1})
+    rotate._rotate(keep=out / "checkpoint-4")
+    assert not (out / "checkpoint-2").exists() and (out / "checkpoint-4").is_dir()
+    assert (elsewhere / "precious.bin").read_bytes() == b"keep me" and (elsewhere / "COMPLETE").is_file()
+    assert (tmp_path / "x" / "COMPLETE").is_file()
+
+    cfg = load_config(None, {"output_dir": str(out), "resume": "auto"})
+    with pytest.raises(
+        ConfigError, match=r"checkpoint-4 has no orpo_state\.json"
+    ):  # picked, not checkpoint-9
+        find_resume_point(cfg)
+    (out / "checkpoint-4").rename(tmp_path / "gone")
+    assert find_resume_point(cfg) is None  # only links remain: nothing to resume, starts fresh
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 0 vs 64: file write failed"),
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+    ],
+)
+def test_a_full_disk_during_a_checkpoint_save_removes_the_partial_directory(
+    tmp_path, tiny_model_dir, monkeypatch, error
+):
+    from helpers import tiny_run
+
+    import orpo_dist
+    from orpo_dist.checkpoint import Checkpointer, CheckpointError
+    from orpo_dist.resume import complete_checkpoints
+
+    real = Checkpointer.save_model
+
+    def disk_fills(self, model, path):
+        real(self, model, path)
+        if self.progress.global_step == 4:
+            (path / "filler.bin").write_bytes(b"\0" * (1 << 20))  # what the disk filled with
+            raise error
+
+    monkeypatch.setattr(Checkpointer, "save_model", disk_fills)
+    out = tmp_path / "out"
+    cfg = tiny_run(out, model=str(tiny_model_dir), max_steps=6, save_steps=2, max_samples=16)
+    with pytest.raises(
+        CheckpointError, match=r"could not write checkpoint-4 .*last complete checkpoint is .*checkpoint-2"
+    ):
+        orpo_dist.train(cfg)
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not list(out.glob(".checkpoint-*")) and not (out / "final").exists()
