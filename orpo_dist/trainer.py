@@ -46,6 +46,7 @@ from orpo_dist.preflight import check_model, check_run
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
 from orpo_dist.templates import example_lines
 from orpo_dist.throughput import flops_model
+from orpo_dist.trackers import check_tracker
 
 PREEMPTED_EXIT_CODE = 3
 
@@ -64,6 +65,7 @@ class Trainer:
         self.cfg, t, self.preempt = cfg, cfg.train, preempt
         check_optimizer(t.optim)  # what can only be checked on this machine, before anything is written
         check_push(cfg)
+        check_tracker(cfg)
         self.accelerator = accelerator = make_accelerator(cfg)
         check_world_size(accelerator)
         set_seed(t.seed)

@@ -21,6 +21,7 @@ import yaml
 
 from orpo_dist.config.checks import problems
 from orpo_dist.config.schema import CHAT_TEMPLATES, SECTIONS, Config, ConfigError
+from orpo_dist.config.yaml_safe import load_yaml, repeated_keys
 from orpo_dist.paths import expand_settings
 
 # Other tools' names -> ours.
@@ -308,7 +309,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"config file {path} is a directory; pass a YAML file (e.g. {p / 'run.yaml'})")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+        data = load_yaml(p.read_text(encoding="utf-8-sig"), str(path))  # no alias bomb, no key twice
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: no such file") from None
     except UnicodeDecodeError as e:
@@ -336,7 +337,9 @@ def load_config(
     cfg = Config()
     items: list[tuple[str, Any]] = []
     if path is not None:
-        items += _flatten(read_yaml(path))
+        items += _flatten(data := read_yaml(path))
+        if repeated := repeated_keys(data, str(path), canonical, SECTIONS, OLD_SECTIONS):  # both places named
+            raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in repeated))
     if isinstance(overrides, dict):
         items += _flatten(overrides)
     elif overrides:
