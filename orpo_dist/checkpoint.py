@@ -168,7 +168,19 @@ class Checkpointer:
         if self.deepspeed:
             weights_only_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
         kwargs = {} if self.deepspeed else {"strict": not self.cfg.peft.use_peft}
-        accelerator.load_state(str(point.path / "state"), **kwargs)
+        try:
+            accelerator.load_state(str(point.path / "state"), **kwargs)
+        except RuntimeError as e:
+            if "size mismatch" not in str(e) and "shape" not in str(e):
+                raise
+            shapes = [
+                line.strip() for line in str(e).splitlines() if "size mismatch" in line or "shape" in line
+            ]
+            raise ConfigError(
+                f"resume: the model {self.cfg.model.model} has other weight shapes than when {point.path} was "
+                f"saved ({(shapes or ['?'])[0][:200]}); the files at that path changed since: resume with the "
+                "model the checkpoint was trained from, or start a new output_dir"
+            ) from None
         self.scheduler.load_state_dict(
             _checked_scheduler_state(self.scheduler.state_dict(), point.state["scheduler"])
         )

@@ -98,7 +98,7 @@ def read_config(out: Path) -> tuple[dict, list[str]]:
     if not path.exists():
         return {}, []
     try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
         return {}, [f"config.yaml ({type(e).__name__}: {one_line(str(e))[:120]})"]
     if data is None:

@@ -522,3 +522,195 @@ def test_a_full_disk_during_a_checkpoint_save_removes_the_partial_directory(
         orpo_dist.train(cfg)
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
     assert not list(out.glob(".checkpoint-*")) and not (out / "final").exists()
+
+
+# ------------------------------------------------------------------------------------------ 4. one line for environment faults
+
+
+def _network_errors():
+    import urllib.error
+
+    import httpx
+    import requests
+
+    return [
+        requests.ConnectionError(
+            "HTTPSConnectionPool(host='huggingface.co', port=443): Max retries exceeded"
+        ),
+        httpx.ConnectError("[Errno -3] Temporary failure in name resolution"),
+        urllib.error.URLError("[Errno 111] Connection refused"),
+        ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "error,code,words",
+    [
+        (
+            OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"),
+            2,
+            ["Read-only file system: /mnt/ro/out"],
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/data/out/x.bin"),
+            1,
+            ["No space left", "/data/out/x.bin", "free space"],
+        ),
+        (
+            NotADirectoryError(errno.ENOTDIR, "Not a directory", "/a/file/out"),
+            2,
+            ["Not a directory: /a/file/out"],
+        ),
+        (FileExistsError(errno.EEXIST, "File exists", "/a/out"), 2, ["File exists: /a/out"]),
+        (PermissionError(errno.EACCES, "Permission denied", "/root/x"), 2, ["Permission denied: /root/x"]),
+        (OSError(errno.EDQUOT, "Disk quota exceeded", "/home/u/x"), 1, ["Disk quota exceeded: /home/u/x"]),
+    ],
+)
+def test_oserrors_become_one_line_naming_the_path(error, code, words):
+    from orpo_dist.cli import environment_fault
+
+    line, got = environment_fault(error)
+    assert got == code and "\n" not in line and all(w in line for w in words), line
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_network_errors_become_one_line(index):
+    from orpo_dist.cli import environment_fault
+
+    line, code = environment_fault(_network_errors()[index])
+    assert code == 1 and "\n" not in line and line.startswith("network error"), line
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_every_traceback(monkeypatch, capsys):
+    from orpo_dist.cli import guarded
+
+    def bug():
+        raise KeyError("a real bug")
+
+    def fault():
+        raise OSError(errno.ENOSPC, "No space left on device", "/x")
+
+    with pytest.raises(KeyError):
+        guarded(bug)
+    assert guarded(fault) == 1 and capsys.readouterr().err.startswith(
+        "orpo_dist: No space left on device: /x"
+    )
+    monkeypatch.setenv("ORPO_DIST_DEBUG", "1")
+    with pytest.raises(OSError):
+        guarded(fault)
+
+
+def _one_line(capsys, code, got, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert got == code and len(err) == 1 and err[0].startswith("orpo_dist: "), err
+    assert all(w in err[0] for w in words), err[0]
+
+
+@pytest.mark.parametrize("command", ["train", "export", "report"])
+@pytest.mark.parametrize("fault", ["erofs", "enospc", "enotdir", "network"])
+def test_every_command_ends_in_one_line_for_environment_faults(command, fault, tmp_path, monkeypatch, capsys):
+    import httpx
+
+    from orpo_dist import cli, export, report, trainer
+
+    error = {
+        "erofs": OSError(errno.EROFS, "Read-only file system", str(tmp_path / "o")),
+        "enospc": OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o")),
+        "enotdir": NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path / "o")),
+        "network": httpx.ConnectError("[Errno 101] Network is unreachable"),
+    }[fault]
+    code, word = (
+        (1, "network error") if fault == "network" else (1 if fault == "enospc" else 2, str(tmp_path / "o"))
+    )
+
+    def fails(*a, **k):
+        raise error
+
+    if command == "train":
+        monkeypatch.setattr(trainer, "run", fails)
+        got = cli.main(["--output_dir", str(tmp_path / "run")])
+    elif command == "export":
+        monkeypatch.setattr(export, "export", fails)
+        got = export.main(
+            ["--checkpoint", str(tmp_path), "--format", "merged_16bit", "--out", str(tmp_path / "o")]
+        )
+    else:
+        (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+        monkeypatch.setattr(report, "write_report", fails)
+        got = report.main([str(tmp_path)])
+    _one_line(capsys, code, got, word)
+
+
+@pytest.mark.slow
+def test_a_resume_onto_weights_whose_shapes_changed_is_refused_naming_the_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    from helpers import tiny_run
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import orpo_dist
+    from orpo_dist.config import ConfigError
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    run = tiny_run(tmp_path / "out", model=str(model), max_steps=2, save_steps=1, max_samples=8)
+    orpo_dist.train(run)
+    config = AutoConfig.from_pretrained(model)
+    config.intermediate_size *= 2  # the same path now holds another model
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    with pytest.raises(
+        ConfigError, match=rf"resume: the model {re.escape(str(model))} has other weight shapes"
+    ):
+        orpo_dist.train({**run, "max_steps": 4, "resume": "auto"})
+
+
+# ------------------------------------------------------------------------------------------ 5. the report reads any metrics.jsonl
+
+
+def test_the_report_skips_and_counts_what_it_cannot_read(tmp_path, capsys):
+    from orpo_dist import report
+
+    lines = [b'{"step": 1, "loss": 0.9, "rewards/accuracies": 0.5}', b"NaN", b"42", b"[1,2]", b"null", b'"text"',
+             b'{"loss": 0.8}', b'{"step": "3", "loss": 0.7}', b'{"step": true, "loss": 0.7}', b'{"step": 2.5}',
+             b'{"step": 2, "loss": "low", "grad_norm": [1], "learning_rate": 1e-3}', b"\xff\xfe\x00garbage",
+             b'{"step": 3, "eval_loss": 0.6}', b'{"step": 4, "loss": 0.5, "train_runtime": -1}',
+             b'{"step": 5, "loss": Infinity, "train_runtime": 1e300}', b'{"step": 6, "lo']  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    (tmp_path / "config.yaml").write_text("model: [unclosed\n")
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## Not read" in md and "config.yaml (ParserError" in md
+    for note in ("1 lines that are not UTF-8", "5 lines that are not JSON objects", "4 rows without an integer step",
+                 "2 values that are not numbers", "1 lines that are not JSON (or cut short)"):  # fmt: skip
+        assert f"metrics.jsonl: skipped {note}" in md, md
+    assert "1e+300 s" in md
+    rows = report.read_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[1] == {"step": 2, "learning_rate": 1e-3}
+
+
+@pytest.mark.parametrize(
+    "text,note",
+    [
+        ("- a\n- b\n", "config.yaml (a list, not a mapping of sections)"),
+        ("just words\n", "config.yaml (a str, not a mapping of sections)"),
+        ("model: tiny\ntrain: {lr: 1}\n", "config.yaml entries that are not sections (model)"),
+        ("a: &a [*a]\n", "config.yaml (ConfigError"),
+        ("\tmodel: x\n", "config.yaml (ScannerError"),
+    ],
+)
+def test_a_config_yaml_the_report_cannot_read_is_named_in_the_report(tmp_path, text, note):
+    from orpo_dist import report
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.9}\n')
+    (tmp_path / "config.yaml").write_text(text)
+    assert report.main([str(tmp_path)]) == 0
+    assert note in (tmp_path / "report.md").read_text()
+
+
+def test_a_report_from_non_utf8_config_and_empty_metrics(tmp_path):
+    from orpo_dist import report
+
+    (tmp_path / "metrics.jsonl").write_bytes(b"\x80\x81\n\n")
+    (tmp_path / "config.yaml").write_bytes(b"model: \xff\n")
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "config.yaml (UnicodeDecodeError" in md and "skipped 1 lines that are not UTF-8" in md
