@@ -714,3 +714,244 @@ def test_a_report_from_non_utf8_config_and_empty_metrics(tmp_path):
     assert report.main([str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "config.yaml (UnicodeDecodeError" in md and "skipped 1 lines that are not UTF-8" in md
+
+
+# ------------------------------------------------------------------------------------------ 6. config files say what they ignore
+
+
+@pytest.mark.parametrize(
+    "text,places",
+    [
+        ("lr: 1.0e-4\nlr: 2.0e-4\n", "key 'lr' is given twice in one mapping (lines 1 and 2)"),
+        (
+            "train:\n  lr: 1.0e-4\n  epochs: 1\n  lr: 2.0e-4\n",
+            "key 'lr' is given twice in one mapping (lines 2 and 4)",
+        ),
+        ("lr: 1.0e-4\ntrain:\n  lr: 2.0e-4\n", "lr is given 2 times (`lr` and `train.lr`)"),
+        (
+            "learning_rate: 1.0e-4\ntrain:\n  lr: 2.0e-4\n",
+            "lr is given 2 times (`learning_rate` and `train.lr`)",
+        ),
+        ("beta: 0.1\norpo:\n  beta: 0.2\n", "beta is given 2 times (`beta` and `orpo.beta`)"),
+        ("model: a\nmodel:\n  model: b\n", "key 'model' is given twice"),
+        (
+            "lora:\n  lora_r: 4\npeft:\n  lora_r: 8\n",
+            "lora_r is given 2 times (`lora.lora_r` and `peft.lora_r`)",
+        ),
+    ],
+)
+def test_a_setting_given_twice_is_refused_naming_both_places(tmp_path, text, places):
+    from orpo_dist.config import ConfigError, load_config
+
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "run.yaml")
+    assert places in str(e.value) and "run.yaml" in str(e.value), str(e.value)
+
+
+def test_yaml_merge_keys_and_flags_over_the_file_are_not_repeats(tmp_path):
+    from orpo_dist.config import load_config
+
+    (tmp_path / "run.yaml").write_text("train:\n  <<: {lr: 1.0e-4, epochs: 2}\n  lr: 3.0e-4\n")
+    cfg = load_config(tmp_path / "run.yaml")  # YAML's merge key: the explicit key wins, by the spec
+    assert (cfg.train.lr, cfg.train.epochs) == (3e-4, 2)
+    assert load_config(tmp_path / "run.yaml", ["--lr", "5e-4"]).train.lr == 5e-4  # a flag overrides the file
+
+
+def _bomb(levels: int, width: int = 9) -> str:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + f"\nlr: *a{levels - 1}\n"
+
+
+@pytest.mark.parametrize("levels", [6, 8, 9, 12])
+def test_a_yaml_alias_bomb_is_refused_within_a_second(tmp_path, levels):
+    import time
+
+    from orpo_dist.cli import main
+
+    (tmp_path / "bomb.yaml").write_text(_bomb(levels))
+    start = time.perf_counter()
+    from orpo_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"aliases \(\*name\) expand to more than 100,000 values"):
+        load_config(tmp_path / "bomb.yaml")
+    assert main(["--config", str(tmp_path / "bomb.yaml")]) == 2
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_recursive_alias_and_a_mapping_bomb_are_refused(tmp_path):
+    from orpo_dist.config import ConfigError, load_config
+
+    (tmp_path / "r.yaml").write_text("a: &a [*a]\n")
+    with pytest.raises(ConfigError, match="recursive alias"):
+        load_config(tmp_path / "r.yaml")
+    levels = ["m0: &m0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8}"]
+    levels += [f"m{i}: &m{i} {{" + ", ".join(f"k{j}: *m{i - 1}" for j in range(8)) + "}" for i in range(1, 9)]
+    (tmp_path / "m.yaml").write_text("\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match="expand to more than"):
+        load_config(tmp_path / "m.yaml")
+
+
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        (
+            {"WANDB_PROJECT": "team/project"},
+            r"WANDB_PROJECT='team/project' is not a valid wandb project name: it contains '/'",
+        ),
+        ({"WANDB_PROJECT": "what?#"}, r"contains '#' '\?'"),
+        ({"WANDB_PROJECT": "p" * 129}, r"is over 128 characters"),
+        (
+            {"WANDB_ENTITY": "my team"},
+            r"WANDB_ENTITY='my team' is not a valid wandb entity name: it contains ' '",
+        ),
+        ({"WANDB_ENTITY": "a:b"}, r"WANDB_ENTITY='a:b'"),
+    ],
+)
+def test_an_invalid_wandb_project_or_entity_stops_before_the_model_loads(tmp_path, monkeypatch, env, match):
+    from helpers import tiny_run
+
+    import orpo_dist
+    from orpo_dist import trainer
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(trainer, "make_accelerator", lambda cfg: pytest.fail("got past the checks"))
+    with pytest.raises(orpo_dist.ConfigError, match=match):
+        orpo_dist.train(tiny_run(tmp_path / "out", log="wandb"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wandb_project_setting_is_checked_too(tmp_path, monkeypatch):
+    from orpo_dist.config import ConfigError, load_config
+    from orpo_dist.trackers import check_tracker
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    with pytest.raises(ConfigError, match=r"wandb_project='a%b'"):
+        check_tracker(load_config(None, {"log": "wandb", "wandb_project": "a%b"}))
+    check_tracker(load_config(None, {"log": "wandb", "wandb_project": "my project-1"}))  # wandb accepts it
+
+
+# ------------------------------------------------------------------------------------------ 7. trackers and the Hub
+
+
+@pytest.mark.parametrize("kind", ["wandb", "tensorboard"])
+@pytest.mark.parametrize("how", ["find_spec", "sys.modules"])
+def test_a_tracker_whose_package_is_missing_names_the_extra_before_the_model_loads(
+    tmp_path, monkeypatch, capsys, kind, how
+):
+    import importlib.util
+    import sys
+
+    from orpo_dist import cli, trainer
+
+    if how == "find_spec":
+        real = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a: (
+                None if name.split(".")[0] in ("wandb", "tensorboard", "tensorboardX") else real(name, *a)
+            ),
+        )
+    else:
+        for name in ("wandb", "tensorboard", "tensorboardX"):
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(trainer, "make_accelerator", lambda cfg: pytest.fail("got past the checks"))
+    got = cli.main(["--output_dir", str(tmp_path / "out"), "--log", kind])
+    _one_line(capsys, 2, got, f"log: {kind} needs the {kind} package", f"pip install 'orpo-dist[{kind}]'")
+
+
+def _http_error(status: int):
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    return HfHubHTTPError(f"{status} Client Error", response=httpx.Response(status, request=request))
+
+
+@pytest.mark.parametrize(
+    "status,match",
+    [(401, r"token was refused \(401\)"), (403, r"cannot create or open the repo me/orpo-tiny \(403\)")],
+)
+def test_push_to_hub_opens_the_repo_before_training(tmp_path, monkeypatch, status, match):
+    from helpers import tiny_run
+    from huggingface_hub import HfApi
+
+    import orpo_dist
+    from orpo_dist import trainer
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_123")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def refuse(self, repo_id, **kw):
+        raise _http_error(status)
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(orpo_dist.ConfigError, match=match):
+        orpo_dist.train(tiny_run(tmp_path / "out", push_to_hub=True, hub_model_id="me/orpo-tiny"))
+
+
+def test_push_to_hub_with_the_network_down_is_one_line_before_training(tmp_path, monkeypatch, capsys):
+    import httpx
+    from huggingface_hub import HfApi
+
+    from orpo_dist import cli, trainer
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_123")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def down(self, repo_id, **kw):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(HfApi, "create_repo", down)
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    got = cli.main(["--output_dir", str(tmp_path / "out"), "--push-to-hub", "--hub_model_id", "me/orpo-tiny"])
+    _one_line(capsys, 1, got, "network error (ConnectError")
+
+
+@pytest.mark.slow
+def test_an_upload_that_fails_after_training_keeps_everything_and_says_how_to_retry(tmp_path, monkeypatch):
+    import httpx
+    from helpers import tiny_run
+    from huggingface_hub import HfApi
+
+    import orpo_dist
+    from orpo_dist import hub
+    from orpo_dist.export import ExportError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_123")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append("create") or f"https://huggingface.co/{repo_id}")  # fmt: skip
+
+    def upload_fails(self, **kw):
+        raise httpx.ReadTimeout("The read operation timed out")
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_fails)
+    out = tmp_path / "out"
+    run = tiny_run(out, peft=True, max_steps=1, save_steps=None, push_to_hub=True, hub_model_id="me/orpo-tiny",
+                   export=["merged_16bit"])  # fmt: skip
+    with pytest.raises(ExportError) as e:
+        orpo_dist.train(run)
+    message = str(e.value)
+    assert "\n" not in message and "upload to the Hub (me/orpo-tiny) failed (ReadTimeout" in message
+    assert f"retry only the upload: python -m orpo_dist.hub {out}" in message
+    assert (out / "final" / "adapter_model.safetensors").is_file() and (
+        out / "export" / "merged" / "config.json"
+    ).is_file()
+    assert (out / "report.md").is_file()
+    assert calls == ["create"]  # opened before training
+    uploaded = []
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploaded.append(kw["folder_path"]))
+    assert hub.main([str(out)]) == 0 and uploaded == [str(out / "export" / "merged")]
+
+
+def test_the_upload_retry_refuses_what_is_not_a_finished_run(tmp_path, capsys):
+    from orpo_dist import hub
+
+    _one_line(capsys, 2, hub.main([str(tmp_path)]), "is not a finished run")
