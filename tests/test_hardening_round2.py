@@ -955,3 +955,70 @@ def test_the_upload_retry_refuses_what_is_not_a_finished_run(tmp_path, capsys):
     from orpo_dist import hub
 
     _one_line(capsys, 2, hub.main([str(tmp_path)]), "is not a finished run")
+
+
+# ------------------------------------------------------------------------------------------ 2 ranks: none left waiting
+
+
+def _two_ranks(tmp_path, model_dir, fault: str, *flags: str, **env: str) -> tuple[int, str, Path]:
+    import sys
+
+    from helpers import ACCEL, REPO, TINY_YAML, free_port, launch_env, run_process
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "multi_gpu.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+           str(REPO / "tests" / "fault_inject.py"), "--config", str(TINY_YAML), "--model", str(model_dir),
+           "--output_dir", str(out), *flags]  # fmt: skip
+    launch = launch_env(ACCELERATE_USE_CPU="true", ORPO_TEST_FAULT=fault, **env)
+    if "HF_TOKEN" in env:
+        launch.pop("HF_HUB_OFFLINE")
+    rc, log = run_process(cmd, launch, cwd=tmp_path, timeout=300)  # a rank left waiting: a timeout, a failure
+    return rc, log, out
+
+
+def _rank_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("orpo_dist: ")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_two_ranks_a_full_disk_during_a_checkpoint_on_one_rank_stops_both(tmp_path, tiny_model_dir, rank):
+    rc, log, out = _two_ranks(tmp_path, tiny_model_dir, f"checkpoint_full:{rank}")
+    lines = _rank_lines(log)
+    assert rc != 0 and len(lines) == 2, log[-4000:]
+    assert all(
+        "could not write checkpoint-4" in line and "free space, then --resume auto" in line for line in lines
+    )
+    assert not list(out.glob(".checkpoint-*")) and not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_two_ranks_a_full_disk_during_the_cache_build_stops_both(tmp_path, tiny_model_dir):
+    rc, log, out = _two_ranks(tmp_path, tiny_model_dir, "cache_full:0")
+    lines = _rank_lines(log)
+    assert rc != 0 and len(lines) == 2, log[-4000:]
+    assert any("No space left on device" in line and str(out / "data_cache") in line for line in lines)
+    assert any("another rank reported a problem" in line for line in lines)
+    assert list((out / "data_cache").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_two_ranks_a_refused_hub_token_stops_both_before_training(tmp_path, tiny_model_dir):
+    rc, log, out = _two_ranks(tmp_path, tiny_model_dir, "hub_refused", "--push-to-hub", "--hub_model_id",
+                              "me/orpo-tiny", HF_TOKEN="hf_not_a_real_token_123")  # fmt: skip
+    lines = _rank_lines(log)
+    assert rc != 0 and len(lines) == 2, log[-4000:]
+    assert any("token was refused (401)" in line for line in lines)
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_a_failed_upload_after_training_keeps_everything(tmp_path, tiny_model_dir):
+    rc, log, out = _two_ranks(tmp_path, tiny_model_dir, "upload_fails", "--push-to-hub", "--hub_model_id",
+                              "me/orpo-tiny", "--max_steps", "2", HF_TOKEN="hf_not_a_real_token_123")  # fmt: skip
+    lines = _rank_lines(log)
+    assert rc == 1 and len(lines) == 1, log[-4000:]  # rank 0 uploads; rank 1 finished normally
+    assert "upload to the Hub (me/orpo-tiny) failed (ConnectError" in lines[0]
+    assert f"retry only the upload: python -m orpo_dist.hub {out}" in lines[0]
+    assert (out / "final").is_dir() and (out / "report.md").is_file()
