@@ -71,7 +71,7 @@ def read_metrics(out: Path) -> tuple[list[dict], list[str]]:
         except UnicodeDecodeError:
             skipped["lines that are not UTF-8"] += 1
             continue
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep
             skipped["lines that are not JSON (or cut short)"] += 1
             continue
         if not isinstance(row, dict):

@@ -305,6 +305,7 @@ def _report(change):
             "row counts",
         ),
         (lambda e: (e / "report.json").write_bytes(b"\xff\xfe{"), "not JSON"),
+        (lambda e: (e / "report.json").write_text("[" * 100_000 + "]" * 100_000), "not JSON"),
     ],
 )
 def test_a_tampered_cache_entry_is_a_miss_rebuilt_with_the_reason(cached, tokenizer, tamper, why):
@@ -320,6 +321,18 @@ def test_a_tampered_cache_entry_is_a_miss_rebuilt_with_the_reason(cached, tokeni
     assert not any(p.is_symlink() for p in entry.rglob("*"))
     again, lines = _reload(cfg, tokenizer)  # the rebuilt entry is a hit
     assert not again.built and lines == [f"tokenised cache: hit {entry}"]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"settings": "x"}', "{", "[" * 100_000])
+def test_a_damaged_neighbour_entry_does_not_break_the_miss_message(cached, tokenizer, text):
+    from test_data_cache import write_pairs
+
+    cfg, entry, _ = cached
+    (entry / "fingerprint.json").write_text(text)
+    write_pairs(tmp := entry.parents[2] / "pairs.jsonl", 30)  # other data: another key, a miss
+    got, lines = _reload(cfg, tokenizer)
+    assert got.built and got.directory != entry and len(got.train) + len(got.eval) == 30, tmp
+    assert lines[0].startswith("tokenised cache: miss: building (")
 
 
 # ------------------------------------------------------------------------------------------ 3. odd cache and output locations
@@ -673,14 +686,14 @@ def test_the_report_skips_and_counts_what_it_cannot_read(tmp_path, capsys):
              b'{"loss": 0.8}', b'{"step": "3", "loss": 0.7}', b'{"step": true, "loss": 0.7}', b'{"step": 2.5}',
              b'{"step": 2, "loss": "low", "grad_norm": [1], "learning_rate": 1e-3}', b"\xff\xfe\x00garbage",
              b'{"step": 3, "eval_loss": 0.6}', b'{"step": 4, "loss": 0.5, "train_runtime": -1}',
-             b'{"step": 5, "loss": Infinity, "train_runtime": 1e300}', b'{"step": 6, "lo']  # fmt: skip
+             b'{"step": 5, "loss": Infinity, "train_runtime": 1e300}', b'{"step": 6, "lo', b"[" * 100_000]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines))
     (tmp_path / "config.yaml").write_text("model: [unclosed\n")
     assert report.main([str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "## Not read" in md and "config.yaml (ParserError" in md
     for note in ("1 lines that are not UTF-8", "5 lines that are not JSON objects", "4 rows without an integer step",
-                 "2 values that are not numbers", "1 lines that are not JSON (or cut short)"):  # fmt: skip
+                 "2 values that are not numbers", "2 lines that are not JSON (or cut short)"):  # fmt: skip
         assert f"metrics.jsonl: skipped {note}" in md, md
     assert "1e+300 s" in md
     rows = report.read_rows(tmp_path)

@@ -130,17 +130,20 @@ COMPONENTS = {
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deep
         return None
 
 
 def miss_reason(root: Path, fp: dict) -> str:
     """What changed since the newest other cache in `root` (or that there is none)."""
-    builds = sorted(root.glob("*/report.json"), key=lambda f: f.stat().st_mtime, reverse=True)
-    old = next((prev for f in builds if (prev := _read_json(f.parent / "fingerprint.json"))), None)
+    builds = sorted(root.glob("*/report.json"), key=lambda f: f.lstat().st_mtime, reverse=True)
+    old = next(
+        (prev for f in builds if isinstance(prev := _read_json(f.parent / "fingerprint.json"), dict)), None
+    )
     if old is None:
         return f"no cache in {root} yet"
-    old_settings, new_settings = old.get("settings", {}), fp["settings"]
+    old_settings, new_settings = old.get("settings"), fp["settings"]
+    old_settings = old_settings if isinstance(old_settings, dict) else {}
     changed = [
         f"{k} {old_settings.get(k)!r} -> {new_settings.get(k)!r}"
         for k in sorted(set(old_settings) | set(new_settings))
