@@ -108,12 +108,9 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-# The machine's or the network's fault, not orpo_dist's: one line, not a traceback (ORPO_DIST_DEBUG=1 shows it).
-DISK_FULL = (
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EIO,
-)  # a fault: exit 1; any other OSError names a path to fix: 2
+# The machine's or the network's faults, not orpo_dist's: one line, not a traceback (ORPO_DIST_DEBUG=1 shows it).
+# A full disk, a quota, an I/O error or the network: exit 1; an OSError naming a path to fix: exit 2.
+DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 NETWORK = {"ConnectionError", "ConnectError", "NetworkError", "TimeoutException", "URLError", "HTTPError",
            "ProxyError", "SSLError", "Timeout", "RemoteDisconnected"}  # fmt: skip
 PATH_MISTAKES = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
@@ -128,8 +125,9 @@ def environment_fault(e: BaseException) -> tuple[str, int] | None:
     file exists, ...), naming the path; None for anything else (a bug keeps its traceback)."""
     names = {k.__name__ for k in type(e).__mro__}
     if names & NETWORK:
+        detail = f"{type(e).__name__}: {one_line(str(e))[:300]}"
         return (
-            f"network error ({type(e).__name__}: {one_line(str(e))[:300]}); check the connection, or set HF_HUB_OFFLINE=1 with everything cached",
+            f"network error ({detail}); check the connection (or HF_HUB_OFFLINE=1 with everything cached)",
             1,
         )
     if not isinstance(e, OSError):
@@ -137,15 +135,14 @@ def environment_fault(e: BaseException) -> tuple[str, int] | None:
     paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
     what = e.strerror or one_line(str(e))[:300] or type(e).__name__
     where = f"{what}: {paths}" if paths else what
-    if e.errno in DISK_FULL:
-        return f"{where} ({type(e).__name__}); free space, then run again", 1
+    if e.errno in DISK_FAULTS:
+        return f"{where} ({type(e).__name__}); free space (or check the disk), then run again", 1
     if isinstance(e, PATH_MISTAKES) or e.errno == errno.EROFS:
-        fix = (
-            "a path that exists and is writable"
-            if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
-            else "the path"
+        writable = e.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
+        return (
+            f"{where} ({type(e).__name__}); {'choose a writable location' if writable else 'check the path'}",
+            2,
         )
-        return f"{where} ({type(e).__name__}); check {fix}", 2
     return f"{where} ({type(e).__name__})", 1
 
 
