@@ -1035,3 +1035,15 @@ def test_two_ranks_a_failed_upload_after_training_keeps_everything(tmp_path, tin
     assert "upload to the Hub (me/orpo-tiny) failed (ConnectError" in lines[0]
     assert f"retry only the upload: python -m orpo_dist.hub {out}" in lines[0]
     assert (out / "final").is_dir() and (out / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_a_tampered_cache_is_rebuilt_and_both_ranks_train(tmp_path, tiny_model_dir):
+    rc, log, out = _two_ranks(tmp_path, tiny_model_dir, "none", "--max_steps", "1")
+    assert rc == 0, log[-4000:]
+    (entry,) = (out / "data_cache").iterdir()
+    info = json.loads((entry / "report.json").read_text())
+    (entry / "report.json").write_text(json.dumps({**info, "report": {**info["report"], "used_train": "34"}}))
+    rc, log, _ = _two_ranks(tmp_path, tiny_model_dir, "none", "--max_steps", "2", "--resume", "auto")
+    assert rc == 0 and "unreadable or stale: its report.json is malformed" in log, log[-4000:]
+    assert "Traceback" not in log
