@@ -117,6 +117,12 @@ def check_destinations(
             inputs["the adapter's base model"] = base
     for out in outs:
         check_model_out(out, inputs, key)
+        if (
+            Path(out).expanduser().resolve() == Path(checkpoint).expanduser().resolve()
+        ):  # a run's dir, checkpoint-N/
+            raise ConfigError(
+                f"{key} {out} is the directory given as the checkpoint; choose another directory"
+            )
     return ckpt, kind
 
 

@@ -16,20 +16,41 @@ from pathlib import Path
 from orpo_dist.config.schema import Config, ConfigError
 
 MARKER = ".orpo_dist_export"
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "pytorch_model*")
-_VAR = re.compile(r"\$(\w+)|\$\{([^}]*)\}")
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.gguf",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "pytorch_model*",
+)
+_VAR = re.compile(r"\$(\w+)|\$\{(\w+)(:?-[^}]*)?\}")  # $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}
 
 
 def expand(value: str, key: str) -> str:
-    """`~` and `$VAR` / `${VAR}` expanded as a shell would; an unset variable is a ConfigError naming it,
-    never a directory literally called `$VAR`."""
-    unset = [
-        m.group(1) or m.group(2) for m in _VAR.finditer(value) if (m.group(1) or m.group(2)) not in os.environ
-    ]
+    """`~` and `$VAR` / `${VAR}` / `${VAR:-default}` expanded as a shell would; an unset variable (without a
+    default) is a ConfigError naming it, never a directory literally called `$VAR`."""
+    unset = []
+
+    def substitute(m: re.Match) -> str:
+        name, default = m.group(1) or m.group(2), m.group(3)
+        value = os.environ.get(name)
+        if default is not None and (value is None or (default.startswith(":") and not value)):
+            return default.lstrip(":")[1:]
+        if value is None:
+            unset.append(f"${name}")
+            return m.group(0)
+        return value
+
+    expanded = _VAR.sub(substitute, value)
     if unset:
-        names = ", ".join(f"${name}" for name in dict.fromkeys(unset))
-        raise ConfigError(f"{key}={value!r}: {names} is not set; set it, or write the path out")
-    return os.path.expanduser(os.path.expandvars(value))
+        raise ConfigError(
+            f"{key}={value!r}: {', '.join(dict.fromkeys(unset))} is not set; set it, or write the path out"
+        )
+    return os.path.expanduser(expanded)
 
 
 # path settings ((section, key)), expanded once when the config is read

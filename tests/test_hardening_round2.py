@@ -1047,3 +1047,29 @@ def test_two_ranks_a_tampered_cache_is_rebuilt_and_both_ranks_train(tmp_path, ti
     rc, log, _ = _two_ranks(tmp_path, tiny_model_dir, "none", "--max_steps", "2", "--resume", "auto")
     assert rc == 0 and "unreadable or stale: its report.json is malformed" in log, log[-4000:]
     assert "Traceback" not in log
+
+
+def test_export_out_that_is_the_run_or_checkpoint_directory_given_is_refused(adapter_run, capsys):
+    ckpt, _ = adapter_run
+    run = ckpt.parent  # --checkpoint OUTPUT_DIR resolves to OUTPUT_DIR/final
+    _refused(capsys, ["--checkpoint", str(run), "--format", "merged_16bit", "--out", str(run)],
+             match="is the directory given as the checkpoint")  # fmt: skip
+    assert not (run / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "value,env,want",
+    [
+        ("${ORPO_TEST_A}/run", {"ORPO_TEST_A": "/scratch"}, "/scratch/run"),
+        ("${ORPO_TEST_UNSET:-/tmp/default}/run", {}, "/tmp/default/run"),
+        ("${ORPO_TEST_EMPTY:-/tmp/d}", {"ORPO_TEST_EMPTY": ""}, "/tmp/d"),
+        ("runs/$ORPO_TEST_A", {"ORPO_TEST_A": "x"}, "runs/x"),
+    ],
+)
+def test_path_settings_expand_as_a_shell_would(monkeypatch, value, env, want):
+    from orpo_dist.config import load_config
+
+    monkeypatch.delenv("ORPO_TEST_UNSET", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert load_config(None, {"output_dir": value}).train.output_dir == want
