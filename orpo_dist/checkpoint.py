@@ -21,11 +21,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from orpo_dist.config import Config, ConfigError
-from orpo_dist.distributed import rank0_print
+from orpo_dist.console import one_line
+from orpo_dist.distributed import all_sum, rank0_print
 from orpo_dist.resume import (
     COMPLETE_MARKER,
     STATE_FILE,
@@ -79,16 +81,22 @@ class Checkpointer:
             accelerator.register_save_state_pre_hook(_keep_trainable_only)
 
     def save(self, model) -> Path:
-        """Write checkpoint-<step>/ atomically (see the module docstring); rotate old ones."""
+        """Write checkpoint-<step>/ atomically (see the module docstring); rotate old ones.
+
+        A write that fails on any rank (a full disk, a quota; torch and safetensors report it as their own
+        errors) fails the save on every rank, each at the same point, so none is left waiting; the partial
+        directory is removed and its space freed."""
         accelerator, step = self.accelerator, self.progress.global_step
         path, partial = self.out / f"checkpoint-{step}", self.out / f".checkpoint-{step}.partial"
-        try:
+
+        def write() -> None:
             if accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)  # what a crash during an earlier save left
             accelerator.wait_for_everyone()
             accelerator.save_state(str(partial / "state"))
             self.save_model(model, partial / "model")
-            accelerator.wait_for_everyone()
+
+        def publish() -> None:
             if accelerator.is_main_process:
                 state = state_json(
                     self.progress.state_dict(),
@@ -103,17 +111,35 @@ class Checkpointer:
                     shutil.rmtree(path)
                 os.replace(partial, path)
                 self._rotate(keep=path)
-        except OSError as e:
-            if accelerator.is_main_process:
-                shutil.rmtree(partial, ignore_errors=True)
-            done = complete_checkpoints(self.out)
-            raise CheckpointError(
-                f"could not write checkpoint-{step} in {self.out}: {e.strerror or e} ({type(e).__name__}); "
-                f"the last complete checkpoint is {done[-1] if done else 'none'}: free space, then --resume auto"
-            ) from e
+
+        for stage in (write, publish):
+            error = self._agreed(stage)
+            if error is not None:
+                if accelerator.is_main_process:
+                    shutil.rmtree(partial, ignore_errors=True)
+                done = complete_checkpoints(self.out)
+                why = f"{getattr(error, 'strerror', None) or one_line(str(error))[:200]} ({type(error).__name__})"
+                raise CheckpointError(
+                    f"could not write checkpoint-{step} in {self.out}: {why}; the last complete checkpoint is "
+                    f"{done[-1] if done else 'none'}: free space, then --resume auto"
+                ) from error if isinstance(error, BaseException) else None
         accelerator.wait_for_everyone()
         rank0_print(accelerator, f"saved checkpoint {path}")
         return path
+
+    def _agreed(self, stage) -> BaseException | str | None:
+        """Run one stage of a save on every rank; the write failure of this rank, or a note that another
+        rank failed (one all-reduce, so every rank stops at the same point). Other errors raise."""
+        error = None
+        try:
+            stage()
+        except Exception as e:  # noqa: BLE001 - sorted just below
+            if not _write_failure(e):
+                raise
+            error = e
+        if all_sum(self.accelerator, torch.tensor([float(error is not None)])).item() > 0 and error is None:
+            error = "another rank could not write its part"
+        return error
 
     def save_model(self, model, path: Path) -> None:
         """Weights (adapter for PEFT) gathered across ranks by accelerate; written by rank 0."""
@@ -142,7 +168,19 @@ class Checkpointer:
         if self.deepspeed:
             weights_only_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
         kwargs = {} if self.deepspeed else {"strict": not self.cfg.peft.use_peft}
-        accelerator.load_state(str(point.path / "state"), **kwargs)
+        try:
+            accelerator.load_state(str(point.path / "state"), **kwargs)
+        except RuntimeError as e:
+            if "size mismatch" not in str(e) and "shape" not in str(e):
+                raise
+            shapes = [
+                line.strip() for line in str(e).splitlines() if "size mismatch" in line or "shape" in line
+            ]
+            raise ConfigError(
+                f"resume: the model {self.cfg.model.model} has other weight shapes than when {point.path} was "
+                f"saved ({(shapes or ['?'])[0][:200]}); the files at that path changed since: resume with the "
+                "model the checkpoint was trained from, or start a new output_dir"
+            ) from None
         self.scheduler.load_state_dict(
             _checked_scheduler_state(self.scheduler.state_dict(), point.state["scheduler"])
         )
@@ -156,6 +194,15 @@ class Checkpointer:
             accelerator,
             f"resumed from {point.path} at step {p.global_step} (epoch {p.epoch}, step {p.step_in_epoch} of it)",
         )
+
+
+def _write_failure(e: BaseException) -> bool:
+    """A failed write: an OSError, or torch.save's / safetensors' own error for one (a full disk)."""
+    text = str(e).lower()
+    return isinstance(e, OSError) or (
+        type(e).__name__ in ("RuntimeError", "SafetensorError")
+        and any(k in text for k in ("write", "no space", "storagefull", "quota", "i/o error"))
+    )
 
 
 def _checked_scheduler_state(fresh: dict, saved: dict) -> dict:

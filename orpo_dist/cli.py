@@ -19,6 +19,7 @@ from importlib.resources import files
 
 from orpo_dist.config import Config, ConfigError, load_config
 from orpo_dist.console import one_line, setup_logging
+from orpo_dist.exits import debugging, fail, guarded
 from orpo_dist.preemption import record_early
 
 USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
@@ -94,11 +95,6 @@ def parse(argv: list[str]) -> tuple[Config, bool]:
     return load_config(quickstart_preset() if preset else config_path, rest), preset
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"orpo_dist: {one_line(message)}", file=sys.stderr, flush=True)
-    return code
-
-
 def _lost_peer(e: BaseException) -> bool:
     """A collective failed because another rank hung (ddp_timeout passed) or died."""
     import torch.distributed as dist
@@ -130,16 +126,16 @@ def _main(argv: list[str], signalled: Callable[[], bool]) -> int:
         return 0
     setup_logging()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    try:
-        cfg, preset = parse(argv)
-    except ConfigError as e:
-        return _fail(str(e), 2)
+    return guarded(lambda: _train(argv, signalled))
+
+
+def _train(argv: list[str], signalled: Callable[[], bool]) -> int:
+    cfg, preset = parse(argv)
     if not sys.stderr.isatty():  # progress bars in a log are noise, and would bury a one-line error
         import datasets
 
         datasets.disable_progress_bars()
     from orpo_dist.checkpoint import CheckpointError
-    from orpo_dist.data import DataError
     from orpo_dist.export import ExportError
     from orpo_dist.health import NonFiniteError
     from orpo_dist.trainer import exit_code, run
@@ -148,16 +144,14 @@ def _main(argv: list[str], signalled: Callable[[], bool]) -> int:
         print(f"[orpo_dist] running the built-in quickstart ({quickstart_preset()})", flush=True)
     try:
         return exit_code(run(cfg, signalled))
-    except ConfigError as e:
-        return _fail(str(e), 2)
-    except DataError as e:
-        return _fail(f"data error: {e}", 2)
     except (NonFiniteError, CheckpointError, ExportError) as e:
-        return _fail(str(e), 1)
-    except Exception as e:
-        if not _lost_peer(e):
+        if debugging():
             raise
-        return _fail(
+        return fail(str(e), 1)
+    except Exception as e:
+        if not _lost_peer(e) or debugging():
+            raise
+        return fail(
             f"a rank stopped answering (hung or lost; collectives wait ddp_timeout={cfg.train.ddp_timeout}s): "
             f"{type(e).__name__}: {one_line(str(e))[:300]}. Resume with --resume auto from the last checkpoint",
             1,

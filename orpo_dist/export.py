@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -23,8 +24,11 @@ from pathlib import Path
 import torch
 
 from orpo_dist.config import EXPORT_FORMATS as FORMATS
-from orpo_dist.config import GGUF_QUANTS
+from orpo_dist.config import GGUF_QUANTS, ConfigError
+from orpo_dist.console import one_line
+from orpo_dist.exits import guarded
 from orpo_dist.gguf import find_converter, to_gguf
+from orpo_dist.paths import check_model_out, mark_written
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Tokenizer files are copied verbatim: re-saving through AutoTokenizer can change the class and the ids.
@@ -57,19 +61,70 @@ def _resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, str]:
     )
 
 
+def _adapter_base(ckpt: Path, base_model: str | None) -> str:
+    """The adapter's base as named (`--base-model`, else adapter_config.json), checked before any loading:
+    a local directory, a built-in model, or a hub id that can be fetched (or is cached when offline)."""
+    if base_model:
+        base = base_model
+    else:
+        try:
+            base = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            raise ConfigError(
+                f"{ckpt}/adapter_config.json is not a JSON object; is this a PEFT adapter?"
+            ) from None
+    if not base or not isinstance(base, str):
+        raise ConfigError(f"{ckpt}/adapter_config.json has no base_model_name_or_path; pass --base-model")
+    if base.startswith("builtin:") or Path(base).expanduser().is_dir():
+        return base
+    fix = "pass --base-model with a local directory (or base_model=)"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(base, "config.json"), str)
+    except HFValidationError:  # neither a directory here nor a hub id
+        raise ConfigError(
+            f"the adapter's base model {base!r} does not exist on this machine; {fix}"
+        ) from None
+    if not cached and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ConfigError(
+            f"the adapter's base model {base!r} is not a directory here and not in the Hugging Face cache, "
+            f"and HF_HUB_OFFLINE is set; {fix}, or unset HF_HUB_OFFLINE"
+        )
+    return base
+
+
 def _base_model_path(ckpt: Path, base_model: str | None) -> str:
-    base = base_model or json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{ckpt}/adapter_config.json has no base_model_name_or_path; pass base_model=")
+    base = _adapter_base(ckpt, base_model)
     if base.startswith("builtin:"):
         from orpo_dist.builtin import save_builtin_model
 
         base = str(save_builtin_model(base, Path(tempfile.mkdtemp(prefix="orpo_builtin_"))))
-    elif base.startswith(("/", ".")) and not Path(base).exists():
-        raise FileNotFoundError(
-            f"the adapter's base model {base!r} does not exist on this machine; pass base_model= (CLI --base-model)"
-        )
-    return base
+    return str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else base
+
+
+def check_destinations(
+    checkpoint: str | Path, outs: list[str | Path], base_model: str | None = None, key: str = "--out"
+) -> tuple[Path, str]:
+    """Before any model loads: the checkpoint and its base are usable, and no destination in `outs` is one
+    of them, inside one, under a file, or a directory of someone else's weights (paths.check_model_out).
+    Returns (checkpoint dir, kind)."""
+    ckpt, kind = _resolve_checkpoint(checkpoint)
+    inputs = {"the checkpoint": ckpt}
+    if kind == "adapter":
+        base = _adapter_base(ckpt, base_model)
+        if Path(base).expanduser().is_dir():
+            inputs["the adapter's base model"] = base
+    for out in outs:
+        check_model_out(out, inputs, key)
+        if (
+            Path(out).expanduser().resolve() == Path(checkpoint).expanduser().resolve()
+        ):  # a run's dir, checkpoint-N/
+            raise ConfigError(
+                f"{key} {out} is the directory given as the checkpoint; choose another directory"
+            )
+    return ckpt, kind
 
 
 def _load_16bit(name: str, dtype: torch.dtype, trust: bool):
@@ -110,10 +165,8 @@ def merge_to_16bit(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {list(DTYPES)}")
-    ckpt, kind = _resolve_checkpoint(checkpoint)
+    ckpt, kind = check_destinations(checkpoint, [out_dir], base_model, key="out_dir")
     out = Path(out_dir)
-    if out.resolve() == ckpt.resolve():
-        raise ValueError(f"out_dir {str(out)!r} is the checkpoint itself; choose another directory")
     trust = trust_remote_code
     if kind == "adapter":
         from peft import PeftModel
@@ -131,6 +184,7 @@ def merge_to_16bit(
     # transformers 5 writes safetensors only (no pickle .bin). After dequantising, the loader's recorded
     # 4-bit deserialise step cannot be reverted, so those weights are saved as they are in memory.
     model.save_pretrained(out, save_original_format=not dequantized)
+    mark_written(out, "merged 16-bit model")
     if not _copy_files(ckpt, out, TOKENIZER_FILES):
         if base and Path(base).is_dir():
             _copy_files(Path(base), out, TOKENIZER_FILES)
@@ -169,6 +223,8 @@ def export(
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"formats={formats!r}; choose one or more of {list(FORMATS)}")
+    # nothing is loaded or written before every destination is known to overwrite no input
+    check_destinations(checkpoint, [out_dir, *([merged_dir] if merged_dir else [])], base_model)
     if "gguf" in formats:
         find_converter()  # fail before the (long) merge if the toolchain is missing
     out = Path(out_dir)
@@ -182,6 +238,7 @@ def export(
         if "gguf" in formats:
             try:
                 result["gguf"] = to_gguf(merged, out / f"model-{gguf_quant}.gguf", gguf_quant)
+                mark_written(out, "GGUF model")
             except Exception as e:
                 if not keep:  # the temporary merge outlives the failed step under a plain name
                     shutil.rmtree(out / "merged", ignore_errors=True)
@@ -222,11 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         parser.error(f"unknown --format {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+    return guarded(lambda: _export_command(args, formats))
+
+
+def _export_command(args: argparse.Namespace, formats: list[str]) -> int:
     try:
         result = export(args.checkpoint, args.out, formats, gguf_quant=args.quant, dtype=args.dtype,
                         base_model=args.base_model, trust_remote_code=args.trust_remote_code)  # fmt: skip
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
-        print(f"export failed: {e}", file=sys.stderr)
+    except (
+        FileNotFoundError,
+        ValueError,
+        ImportError,
+        ExportError,
+    ) as e:  # no checkpoint, a bad argument, no toolchain, a failed step
+        if isinstance(e, ConfigError):
+            raise
+        print(f"orpo_dist: export failed: {one_line(str(e))}", file=sys.stderr)
         return 1
     for fmt, path in result.items():
         print(f"{fmt}: {path}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from orpo_dist.config import Config, ConfigError
+from orpo_dist.paths import check_model_out
 from orpo_dist.resume import ResumePoint, check_settings, find_resume_point, run_fingerprint
 
 LOCAL_PREFIXES = ("/", "./", "../", "~")
@@ -41,6 +42,12 @@ def check_run(cfg: Config, world_size: int, strategy: str) -> ResumePoint | None
             "NaN (on CPU from step 2). Use dtype: auto / float32 (with mixed_precision: fp16 on a GPU), "
             "bfloat16, or peft: true"
         )
+    if cfg.export.formats:  # the export at the end may not write over the model it starts from
+        model = Path(cfg.model.model).expanduser()
+        out = Path(cfg.train.output_dir) / "export"
+        inputs = {"the model": model} if model.is_dir() else {}
+        for where in (out, out / "merged"):
+            check_model_out(where, inputs, key=f"export (output_dir={cfg.train.output_dir}):")
     if "gguf" in cfg.export.formats:
         from orpo_dist.gguf import find_converter
 

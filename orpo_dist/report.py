@@ -18,9 +18,14 @@ import importlib.util
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
+
+from orpo_dist.config.yaml_safe import load_yaml
+from orpo_dist.console import one_line
+from orpo_dist.exits import guarded
 
 # (panel title, train key, held-out key)
 PANELS = (
@@ -49,15 +54,61 @@ def read_rows(out: Path) -> list[dict]:
     """metrics.jsonl rows by step; a line still being written (training in progress) is skipped, and a
     later row of the same step and kind replaces an earlier one (a resumed run redoes the steps after
     its checkpoint)."""
+    return read_metrics(out)[0]
+
+
+def read_metrics(out: Path) -> tuple[list[dict], list[str]]:
+    """(rows, what could not be read): any file is read. Skipped and counted: lines that are not UTF-8,
+    not JSON, not a JSON object (`NaN`, `42`, `[1,2]`, `null`), or without an integer `step`; values that
+    are not numbers (a string) are dropped from their row and counted."""
     latest: dict[tuple[int, bool], dict] = {}
     path = Path(out) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+    skipped: Counter = Counter()
+    for raw in path.read_bytes().splitlines() if path.is_file() else []:
+        if not raw.strip():
             continue
-        latest[(row["step"], "eval_loss" in row)] = row
-    return [latest[key] for key in sorted(latest)]
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped["lines that are not UTF-8"] += 1
+            continue
+        except (ValueError, RecursionError):  # not JSON, or nested too deep
+            skipped["lines that are not JSON (or cut short)"] += 1
+            continue
+        if not isinstance(row, dict):
+            skipped["lines that are not JSON objects"] += 1
+            continue
+        step = row.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            skipped["rows without an integer step"] += 1
+            continue
+        values = {k: v for k, v in row.items() if _number(v)}
+        skipped["values that are not numbers"] += len(row) - len(values)
+        latest[(step, "eval_loss" in values)] = values
+    notes = [f"{n} {what}" for what, n in skipped.items() if n]
+    return [latest[key] for key in sorted(latest)], notes
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_config(out: Path) -> tuple[dict, list[str]]:
+    """config.yaml's sections (mappings only), and what could not be read of it."""
+    path = Path(out) / "config.yaml"
+    if not path.exists():
+        return {}, []
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
+        return {}, [f"config.yaml ({type(e).__name__}: {one_line(str(e))[:120]})"]
+    if data is None:
+        return {}, []
+    if not isinstance(data, dict):
+        return {}, [f"config.yaml (a {type(data).__name__}, not a mapping of sections)"]
+    sections = {k: v for k, v in data.items() if isinstance(v, dict)}
+    odd = sorted(str(k) for k in data if k not in sections)
+    return sections, [f"config.yaml entries that are not sections ({', '.join(odd)})"] if odd else []
 
 
 def _series(rows: list[dict], key: str | None) -> tuple[list[int], list[float]]:
@@ -96,6 +147,8 @@ def _fmt(value) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if not 0 <= seconds < 366 * 86400:  # what gmtime cannot show (a huge, negative or non-finite value)
+        return f"{seconds:.4g} s"
     return f"{seconds:.1f} s" if seconds < 60 else time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
@@ -107,14 +160,17 @@ def summary(rows: list[dict], config: dict, out: Path) -> str:
     lines += [f"From metrics.jsonl ({len(rows)} rows, last step {rows[-1]['step'] if rows else 0}), "
               f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Curves: [report.png](report.png).", ""]  # fmt: skip
     lines += ["## Held-out preference accuracy", ""]
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
+    accuracy = [r for r in evals if "eval_rewards/accuracies" in r]
+    if len(accuracy) >= 2:
+        first, last = accuracy[0], accuracy[-1]
         lines.append(
             f"**{first['eval_rewards/accuracies']:.3f} before** (step {first['step']}) -> "
             f"**{last['eval_rewards/accuracies']:.3f} after** (step {last['step']})"
         )
-    elif evals:
-        lines.append(f"{evals[0]['eval_rewards/accuracies']:.3f} at step {evals[0]['step']} (one evaluation)")
+    elif accuracy:
+        lines.append(
+            f"{accuracy[0]['eval_rewards/accuracies']:.3f} at step {accuracy[0]['step']} (one evaluation)"
+        )
     else:
         lines.append("no held-out evaluation (eval_split: 0 and no eval_data_path)")
     lines += [
@@ -153,21 +209,29 @@ def summary(rows: list[dict], config: dict, out: Path) -> str:
 def write_report(out: str | Path, say=print) -> list[Path]:
     """Write report.md and (with matplotlib) report.png into `out`; returns what was written."""
     out = Path(out)
-    rows = read_rows(out)
-    config_path = out / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    rows, skipped = read_metrics(out)
+    config, unread = read_config(out)
+    unread += [f"metrics.jsonl: skipped {note}" for note in skipped]
     written = [out / "report.md"]
-    written[0].write_text(summary(rows, config or {}, out))
+    written[0].write_text(summary(rows, config, out) + _unread(unread))
+    for note in unread:
+        say(f"report: could not read {note}")
     if importlib.util.find_spec("matplotlib") is None:
         say(
             f"report.png skipped: matplotlib is not installed; {INSTALL_HINT}, then python -m orpo_dist.report {out}"
         )
     else:
-        model = (config or {}).get("model", {}).get("model", "")
+        model = config.get("model", {}).get("model", "")
         figure(rows, f"ORPO: {model}  ({out.name})").savefig(out / "report.png")
         written.append(out / "report.png")
     say(f"report: {', '.join(str(p) for p in written)}")
     return written
+
+
+def _unread(notes: list[str]) -> str:
+    if not notes:
+        return ""
+    return "\n## Not read\n\n" + "".join(f"- {note}\n" for note in notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             f"orpo_dist: {args.output_dir}/metrics.jsonl not found: pass a run's output_dir", file=sys.stderr
         )
         return 2
-    write_report(args.output_dir, say=lambda msg: print(f"[orpo_dist] {msg}"))
-    return 0
+    return guarded(lambda: write_report(args.output_dir, say=lambda msg: print(f"[orpo_dist] {msg}")) and 0)
 
 
 if __name__ == "__main__":

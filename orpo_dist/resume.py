@@ -115,12 +115,17 @@ class ResumePoint:
 def complete_checkpoints(out: Path) -> list[Path]:
     """`checkpoint-<step>/` directories whose save finished on every rank, oldest first.
 
-    Anything else (`checkpoint-8-copy`, a half-written save, a file) is ignored.
+    Anything else (`checkpoint-8-copy`, a half-written save, a file) is ignored, and so is a symlink:
+    resuming and rotation never follow one out of the run (rotation would delete what it points to).
     """
     found = [
         p
         for p in Path(out).glob("checkpoint-*")
-        if CHECKPOINT_NAME.match(p.name) and p.is_dir() and (p / COMPLETE_MARKER).is_file()
+        if CHECKPOINT_NAME.match(p.name)
+        and not p.is_symlink()
+        and p.is_dir()
+        and not (p / COMPLETE_MARKER).is_symlink()
+        and (p / COMPLETE_MARKER).is_file()
     ]
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
 

@@ -19,11 +19,55 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from orpo_dist.config import Config
+from orpo_dist.config import Config, ConfigError
 from orpo_dist.distributed import rank0_print
 
 RUN_ID_FILE = "wandb_run_id"
 STEP_KEY = "train/global_step"
+
+
+PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}  # any one of them will do
+WANDB_BAD_CHARS = "/\\#?%:"  # what wandb refuses in a project name (wandb_settings.validate_project)
+
+
+def check_tracker(cfg: Config) -> None:
+    """Before anything is loaded: the tracker's package is installed, and a wandb project / entity is a
+    name wandb accepts (a ConfigError naming the fix otherwise)."""
+    import importlib.util
+
+    kind = cfg.train.log
+    if kind not in PACKAGES:
+        return
+    if not any(_installed(name, importlib.util.find_spec) for name in PACKAGES[kind]):
+        raise ConfigError(
+            f"log: {kind} needs the {kind} package, which is not installed: pip install 'orpo-dist[{kind}]' "
+            "(or set log: none)"
+        )
+    if kind != "wandb":
+        return
+    for what, value in (("project", cfg.train.wandb_project or os.environ.get("WANDB_PROJECT")),
+                        ("entity", os.environ.get("WANDB_ENTITY"))):  # fmt: skip
+        if not value:  # unset or empty: wandb's default
+            continue
+        # wandb's own rule for a project; an entity (a user or team name) also has no spaces
+        bad = sorted({c for c in value if c in WANDB_BAD_CHARS or (what == "entity" and c.isspace())})
+        if len(value) > 128 or bad:
+            source = (
+                "wandb_project" if what == "project" and cfg.train.wandb_project else f"WANDB_{what.upper()}"
+            )
+            why = f"contains {' '.join(map(repr, bad))}" if bad else "is over 128 characters"
+            raise ConfigError(
+                f"{source}={value!r} is not a valid wandb {what} name: it {why} (wandb refuses "
+                f"{' '.join(WANDB_BAD_CHARS)} in a project, spaces in an entity, and over 128 characters); "
+                "fix it, or unset it"
+            )
+
+
+def _installed(name: str, find_spec) -> bool:
+    try:
+        return find_spec(name) is not None
+    except (ValueError, ImportError):  # sys.modules[name] = None, or a broken install
+        return False
 
 
 def tracker_row(row: dict) -> dict:

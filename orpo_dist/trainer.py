@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from orpo_dist import sequence_parallel
 from orpo_dist.checkpoint import Checkpointer
 from orpo_dist.config import Config, ConfigError
+from orpo_dist.console import one_line
 from orpo_dist.data.cache import tokenised_datasets
 from orpo_dist.distributed import (
     agreed_start,
@@ -33,7 +34,7 @@ from orpo_dist.distributed import (
     rank0_print,
 )
 from orpo_dist.health import Health, non_finite
-from orpo_dist.hub import check_push
+from orpo_dist.hub import check_push, open_repo
 from orpo_dist.layouts import make_collator, model_inputs
 from orpo_dist.loader import make_loaders
 from orpo_dist.logps import forward_parts
@@ -46,6 +47,7 @@ from orpo_dist.preflight import check_model, check_run
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
 from orpo_dist.templates import example_lines
 from orpo_dist.throughput import flops_model
+from orpo_dist.trackers import check_tracker
 
 PREEMPTED_EXIT_CODE = 3
 
@@ -65,16 +67,16 @@ class Trainer:
         self.beta = cfg.orpo.beta
         check_optimizer(t.optim)  # what can only be checked on this machine, before anything is written
         check_push(cfg)
-        sequence_parallel.resolve(
-            cfg
-        )  # the SP size, settled once from cfg + launch (exit 2 if it cannot run)
+        check_tracker(cfg)
+        sequence_parallel.resolve(cfg)  # the SP size, settled once from cfg + launch (exit 2 if it cannot run)
         self.accelerator = accelerator = make_accelerator(cfg)
         check_world_size(accelerator)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
         world, strategy = accelerator.num_processes, accelerator.distributed_type.value
+        self.hub_url: str | None = None  # the Hub repo, opened before training (push_to_hub)
         # user mistakes end here, on every rank, before anything is loaded (exit 2)
-        self.resume_point = agreed_start(accelerator, lambda: check_run(cfg, world, strategy))
+        self.resume_point = agreed_start(accelerator, lambda: self._checks(world, strategy))
         if accelerator.is_main_process:
             cfg.save(self.out / "config.yaml")
         self.say(describe(accelerator, cfg))
@@ -113,6 +115,12 @@ class Trainer:
         flops = flops_model(model, accelerator.device, t.peak_tflops, self.say)
         self.metrics = MetricsLog(accelerator, cfg, flops)
         self.health = Health(cfg)
+
+    def _checks(self, world: int, strategy: str):
+        """check_run on every rank; the Hub repo opened once (rank 0), so a refused token stops every rank."""
+        if self.accelerator.is_main_process:
+            self.hub_url = open_repo(self.cfg)
+        return check_run(self.cfg, world, strategy)
 
     def _inputs(self):
         """The model's path (a built-in one is written here), checked on the meta device, and its tokenizer."""
@@ -271,9 +279,11 @@ class Trainer:
         """Rank 0, after training: exports (`<output_dir>/export/merged/`, `export/model-<quant>.gguf`),
         the Hub upload, and the report (report.md, report.png). Returns an export failure instead of
         raising it, so it is raised after the barrier and no rank is left waiting."""
+        from orpo_dist.export import ExportError
+
         e, written, failed = self.cfg.export, {}, None
         if e.formats:
-            from orpo_dist.export import ExportError, export
+            from orpo_dist.export import export
 
             out = self.out / "export"
             try:
@@ -288,9 +298,15 @@ class Trainer:
             for fmt, path in written.items():
                 self.say(f"exported {fmt}: {path}")
         if e.push_to_hub and not failed:
-            from orpo_dist.hub import push
+            from orpo_dist.hub import push, retry_command
 
-            self.say(f"pushed to the Hub: {push(self.cfg, final, written)}")
+            try:
+                self.say(f"pushed to the Hub: {push(self.cfg, final, written, self.hub_url)}")
+            except Exception as err:  # noqa: BLE001 - the run is done: keep everything, say how to retry
+                failed = ExportError(
+                    f"upload to the Hub ({e.hub_model_id}) failed ({type(err).__name__}: {one_line(str(err))[:300]}); "
+                    f"{final}, the exports and the report are kept; retry only the upload: {retry_command(self.out)}"
+                )
         try:
             from orpo_dist.report import write_report
 

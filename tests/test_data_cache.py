@@ -185,8 +185,8 @@ def test_an_unreadable_cache_is_rebuilt(tmp_path, pairs, tokenizer):
         f.unlink()
     got, lines = load(cfg, tokenizer)
     assert got.built and got.directory == base.directory
-    assert (
-        lines[0] == f"tokenised cache: miss: building (the cache in {base.directory} is unreadable or stale)"
+    assert lines[0].startswith(
+        f"tokenised cache: miss: building (the cache in {base.directory} is unreadable or stale"
     )
     assert got.train.to_list() == build_datasets(cfg.data, tokenizer, 3)[0].to_list()
 
@@ -343,13 +343,17 @@ def test_a_worker_that_dies_stops_the_run_with_the_fix(tmp_path, pairs, tokenize
 # ------------------------------------------------------------------------------------------ the keys
 
 
-def test_the_scale_keys_and_their_errors():
+def test_the_scale_keys_and_their_errors(monkeypatch):
     from orpo_dist.config import ConfigError, load_config
+
+    monkeypatch.setenv(
+        "TMPDIR", "/node/tmp"
+    )  # expanded when the config is read, on each node (unset: refused)
 
     cfg = load_config(None, ["--num_proc", "auto", "--dataloader_num_workers", "3", "--peak_tflops", "400",
                              "--cache_dir", "$TMPDIR/c", "--overwrite_cache"])  # fmt: skip
     assert (cfg.data.num_proc, cfg.train.dataloader_num_workers, cfg.train.peak_tflops) == ("auto", 3, 400.0)
-    assert (cfg.data.cache_dir, cfg.data.overwrite_cache) == ("$TMPDIR/c", True)
+    assert (cfg.data.cache_dir, cfg.data.overwrite_cache) == ("/node/tmp/c", True)
     assert (Config().data.num_proc, Config().train.dataloader_num_workers) == ("auto", "auto")  # the defaults
     for flags, message in [
         (["--num_proc", "many"], "num_proc='many' is not an integer and is not one of ['auto']"),

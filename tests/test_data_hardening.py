@@ -253,7 +253,11 @@ def test_an_unknown_role_in_a_completion_is_an_error(tmp_path, tokenizer, role):
 def test_every_known_role_is_accepted(tmp_path, tokenizer):
     row = {
         "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
-        "chosen": [{"role": "assistant", "content": "Let me look."}, {"role": "tool", "content": "sunny"}],
+        "chosen": [
+            {"role": "assistant", "content": "Let me look."},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ],  # a completion ends with the assistant's turn
         "rejected": [{"role": "assistant", "content": "No idea."}],
     }
     train, _, _ = build_datasets(cfg_for(write_jsonl(tmp_path / "c.jsonl", [row])), tokenizer, 0)

@@ -24,7 +24,7 @@ ONLY = {
     "builtin": set(),
     "console": set(),
     "cpu_launch": set(),
-    "report": set(),  # reads a run's files only
+    "report": {"console", "exits", "config.yaml_safe"},  # reads a run's files (YAML safely); one line on a fault
     "preemption": {"distributed"},  # all_sum, imported inside `check` (the CLI imports it before torch)
 }
 # package prefix -> what its modules may import besides themselves

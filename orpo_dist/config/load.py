@@ -20,7 +20,9 @@ from typing import Any, Literal
 import yaml
 
 from orpo_dist.config.checks import problems
+from orpo_dist.config.expand import expand_settings
 from orpo_dist.config.schema import CHAT_TEMPLATES, SECTIONS, Config, ConfigError
+from orpo_dist.config.yaml_safe import load_yaml, repeated_keys
 
 # Other tools' names -> ours.
 ALIASES: dict[str, str] = {
@@ -307,7 +309,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"config file {path} is a directory; pass a YAML file (e.g. {p / 'run.yaml'})")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+        data = load_yaml(p.read_text(encoding="utf-8-sig"), str(path))  # no alias bomb, no key twice
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: no such file") from None
     except UnicodeDecodeError as e:
@@ -335,7 +337,9 @@ def load_config(
     cfg = Config()
     items: list[tuple[str, Any]] = []
     if path is not None:
-        items += _flatten(read_yaml(path))
+        items += _flatten(data := read_yaml(path))
+        if repeated := repeated_keys(data, str(path), canonical, SECTIONS, OLD_SECTIONS):  # both places named
+            raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in repeated))
     if isinstance(overrides, dict):
         items += _flatten(overrides)
     elif overrides:
@@ -349,6 +353,7 @@ def load_config(
     d = cfg.data  # Axolotl `sequence_len: 256` alone: a prompt budget that fits
     if d.max_prompt_length >= d.max_length and "max_prompt_length" not in {canonical(k) for k, _ in items}:
         d.max_prompt_length = d.max_length // 2
+    errors += expand_settings(cfg)  # `~` and `$VAR` in paths, as a shell would
     errors += problems(cfg)  # every problem at once: bad values and bad combinations
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))

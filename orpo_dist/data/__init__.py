@@ -32,9 +32,9 @@ import numpy as np
 
 from orpo_dist.config import DataConfig
 from orpo_dist.data.parallel import AllRows, resolve_num_proc, tokenise_source
-from orpo_dist.data.summary import EMPTY_AFTER_TRUNCATION, DataError, DataReport
 from orpo_dist.data.rows import duplicate_of
 from orpo_dist.data.sources import load_source, looks_like_hub
+from orpo_dist.data.summary import EMPTY_AFTER_TRUNCATION, DataError, DataReport
 from orpo_dist.data.tokens import truncate_pair
 
 __all__ = ["DataError", "DataReport", "build_datasets", "truncate_pair"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import gc
 import hashlib
 import json
@@ -38,11 +39,12 @@ from accelerate.utils import broadcast_object_list
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from orpo_dist.builtin import BUILTIN_PREFIX
-from orpo_dist.config import Config, DataConfig
+from orpo_dist.config import Config, ConfigError, DataConfig
+from orpo_dist.config.expand import expand
 from orpo_dist.data import build_datasets, eval_source_args
 from orpo_dist.data.parallel import AUTO_MIN_PAIRS, resolve_num_proc
-from orpo_dist.data.summary import DataError, DataReport
 from orpo_dist.data.sources import load_source
+from orpo_dist.data.summary import DataError, DataReport
 from orpo_dist.distributed import agreed_start
 
 DATA_FORMAT_VERSION = 2  # bump when the same inputs would tokenise differently (2: identical pairs dropped, duplicates held out together)
@@ -62,7 +64,7 @@ class Tokenised:
 def cache_root(cfg: Config) -> Path:
     """`cache_dir` with `~` and environment variables expanded on each node (`$TMPDIR/orpo`: node-local)."""
     if cfg.data.cache_dir:
-        return Path(os.path.expandvars(cfg.data.cache_dir)).expanduser()
+        return Path(expand(cfg.data.cache_dir, "cache_dir"))
     return Path(cfg.train.output_dir) / "data_cache"
 
 
@@ -128,17 +130,20 @@ COMPONENTS = {
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deep
         return None
 
 
 def miss_reason(root: Path, fp: dict) -> str:
     """What changed since the newest other cache in `root` (or that there is none)."""
-    builds = sorted(root.glob("*/report.json"), key=lambda f: f.stat().st_mtime, reverse=True)
-    old = next((prev for f in builds if (prev := _read_json(f.parent / "fingerprint.json"))), None)
+    builds = sorted(root.glob("*/report.json"), key=lambda f: f.lstat().st_mtime, reverse=True)
+    old = next(
+        (prev for f in builds if isinstance(prev := _read_json(f.parent / "fingerprint.json"), dict)), None
+    )
     if old is None:
         return f"no cache in {root} yet"
-    old_settings, new_settings = old.get("settings", {}), fp["settings"]
+    old_settings, new_settings = old.get("settings"), fp["settings"]
+    old_settings = old_settings if isinstance(old_settings, dict) else {}
     changed = [
         f"{k} {old_settings.get(k)!r} -> {new_settings.get(k)!r}"
         for k in sorted(set(old_settings) | set(new_settings))
@@ -148,15 +153,92 @@ def miss_reason(root: Path, fp: dict) -> str:
     return "changed since the last cache: " + (", ".join(changed) or "nothing recorded")
 
 
-def _open(entry: Path, build_id: str) -> Tokenised | None:
-    """The build in `entry` if it is complete and the one wanted, memory-mapped; else None."""
-    info = _read_json(entry / "report.json")
-    if not info or info.get("build_id") != build_id:
-        return None
+SPLITS = ("train", "eval")
+SAMPLE_BLOCKS, BLOCK = 16, 1 << 16  # the content hash reads 16 blocks of 64 KiB per file, at most
+
+
+def _file_digest(path: Path) -> str:
+    """A content hash that is cheap on any size: the size and 16 blocks spread over the file (all of a small one)."""
+    size = path.stat().st_size
+    offsets = range(0, size, BLOCK) if size <= SAMPLE_BLOCKS * BLOCK else (
+        size * i // SAMPLE_BLOCKS for i in range(SAMPLE_BLOCKS))  # fmt: skip
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            h.update(f.read(BLOCK))
+    return h.hexdigest()[:16]
+
+
+def manifest(entry: Path, rows: dict[str, int]) -> dict:
+    """What an entry holds: per split its row count and every file with its size and content hash."""
+    out = {}
+    for split, n in rows.items():
+        files = sorted(f for f in (entry / split).rglob("*") if f.is_file())
+        out[split] = {
+            "rows": n,
+            "files": {str(f.relative_to(entry)): [f.stat().st_size, _file_digest(f)] for f in files},
+        }
+    return out
+
+
+def _problem(entry: Path, info) -> str | None:
+    """Why the entry cannot be trusted (its report.json is malformed, a symlink inside it, a file that
+    differs from its manifest), or None. Nothing in a cache is trusted before this says so."""
+    if entry.is_symlink():
+        return f"{entry} is a symlink"
+    for d, dirs, files in os.walk(entry):
+        for name in dirs + files:
+            if Path(d, name).is_symlink():
+                return f"{Path(d, name)} is a symlink"
+    want = {"build_id": str, "report": dict, "manifest": dict}
+    if not isinstance(info, dict) or any(not isinstance(info.get(k), t) for k, t in want.items()):
+        return "its report.json is malformed"
     try:
-        train = datasets.load_from_disk(str(entry / "train"))
-        evaluation = datasets.load_from_disk(str(entry / "eval")) if (entry / "eval").exists() else None
-    except (OSError, ValueError):  # unreadable: rebuilt by whoever builds
+        report = DataReport(**info["report"])
+    except TypeError:
+        return "its report.json is malformed"
+    counts = (report.read, report.used_train, report.used_eval, report.truncated, report.duplicates)
+    if not all(isinstance(n, int) for n in counts) or not isinstance(report.dropped, dict):
+        return "its report.json is malformed"
+    recorded = info["manifest"]
+    if not set(recorded) <= set(SPLITS) or "train" not in recorded:
+        return "its report.json is malformed"
+    if not all(isinstance(m, dict) and isinstance(m.get("rows"), int) for m in recorded.values()):
+        return "its report.json is malformed"
+    if {s for s in SPLITS if (entry / s).exists()} != set(recorded):
+        return "its splits differ from what was recorded"
+    try:
+        now = manifest(entry, {split: m["rows"] for split, m in recorded.items()})
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    for split, part in now.items():
+        if recorded[split].get("files") != {k: list(v) for k, v in part["files"].items()}:
+            return f"the files of its {split}/ split differ from what was recorded"
+    return None
+
+
+def _open(entry: Path, build_id: str, why: list[str] | None = None) -> Tokenised | None:
+    """The build in `entry` if it is complete, verified and the one wanted, memory-mapped; else None
+    (and the reason appended to `why`)."""
+    if not (entry / "report.json").exists():
+        return None
+    info = _read_json(entry / "report.json")
+    problem = _problem(entry, info) if info is not None else "its report.json is not JSON"
+    if problem is None and info.get("build_id") != build_id:
+        return None  # another build (overwrite_cache): not a fault of the entry
+    try:
+        if problem is None:
+            train = datasets.load_from_disk(str(entry / "train"))
+            evaluation = datasets.load_from_disk(str(entry / "eval")) if (entry / "eval").exists() else None
+            loaded = {"train": train, **({"eval": evaluation} if evaluation is not None else {})}
+            if any(ds.num_rows != info["manifest"][split]["rows"] for split, ds in loaded.items()):
+                problem = "its splits hold other row counts than recorded"
+    except (OSError, ValueError, KeyError) as e:  # unreadable: rebuilt by whoever builds
+        problem = f"it cannot be loaded ({type(e).__name__})"
+    if problem is not None:
+        if why is not None:
+            why.append(problem)
         return None
     return Tokenised(train, evaluation, DataReport(**info["report"]), entry, built=False)
 
@@ -164,34 +246,47 @@ def _open(entry: Path, build_id: str) -> Tokenised | None:
 def _build(entry: Path, fp: dict, cfg: Config, tokenizer, build_id: str, note) -> Tokenised:
     """Tokenise into a temporary directory, then rename it into place (atomic: never a partial cache)."""
     root = entry.parent
-    root.mkdir(parents=True, exist_ok=True)
-    for tmp in root.glob(".tmp-*"):
-        if time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS:
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:  # before the (long) tokenisation: the cache can be written here
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=root))
+    except OSError as e:
+        raise _write_error(root, e) from None
+    for old in root.glob(".tmp-*"):
+        if old != tmp and time.time() - old.stat().st_mtime > STALE_TMP_SECONDS:
+            shutil.rmtree(old, ignore_errors=True)
     reason = "overwrite_cache: true" if cfg.data.overwrite_cache else miss_reason(root, fp)
     if (entry / "report.json").exists() and not cfg.data.overwrite_cache:
-        reason = f"the cache in {entry} is unreadable or stale"
+        why: list[str] = []
+        _open(entry, build_id, why)
+        reason = f"the cache in {entry} is unreadable or stale" + (f": {why[0]}" if why else "")
     note(f"tokenised cache: miss: building ({reason})")
     start = time.perf_counter()
-    train, evaluation, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=root))
-    quiet = report.read < AUTO_MIN_PAIRS and not are_progress_bars_disabled()  # no bars for a moment's work
+    quiet = writing = False
     try:
+        train, evaluation, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+        writing = True
+        quiet = report.read < AUTO_MIN_PAIRS and not are_progress_bars_disabled()  # a moment's work: no bars
         if quiet:
             disable_progress_bars()
         train.save_to_disk(str(tmp / "train"))
         if evaluation is not None:
             evaluation.save_to_disk(str(tmp / "eval"))
         seconds = time.perf_counter() - start
+        rows = {"train": len(train), **({"eval": len(evaluation)} if evaluation is not None else {})}
         (tmp / "fingerprint.json").write_text(json.dumps(fp, indent=1, sort_keys=True, default=str))
         info = {
             "build_id": build_id,
             "report": dataclasses.asdict(report),
             "seconds": round(seconds, 3),
             "num_proc": resolve_num_proc(cfg.data.num_proc, report.read),
+            "manifest": manifest(tmp, rows),
         }
         (tmp / "report.json").write_text(json.dumps(info, indent=1))  # last: the mark of a whole build
         _publish(tmp, entry, build_id)
+    except OSError as e:  # the finally below removes the partial build, and frees its space
+        if not writing:
+            raise
+        raise _write_error(root, e) from None
     finally:
         if quiet:
             enable_progress_bars()
@@ -205,6 +300,19 @@ def _build(entry: Path, fp: dict, cfg: Config, tokenizer, build_id: str, note) -
     note(f"tokenised cache: built {entry} in {seconds:.1f} s ({pairs_per_second:.0f} pairs/s, "
          f"num_proc {info['num_proc']})")  # fmt: skip
     return dataclasses.replace(got, built=True)
+
+
+def _write_error(root: Path, e: OSError) -> Exception:
+    """One line for a cache that cannot be written: a full disk is a fault (exit 1), a path that cannot
+    hold a cache (read-only, a file, no permission) a mistake to fix in cache_dir (exit 2)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(
+            e.errno, f"{e.strerror} while writing the tokenised cache (nothing partial kept) in", str(root)
+        )
+    return ConfigError(
+        f"cache_dir {root}: cannot write the tokenised cache there ({e.strerror or e}: {e.filename or root}); "
+        "set cache_dir to a writable directory (unset, it is <output_dir>/data_cache)"
+    )
 
 
 def _release_freed_memory() -> None:

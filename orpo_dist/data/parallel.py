@@ -21,9 +21,9 @@ import datasets
 from datasets.utils import tqdm
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.summary import DataError, DataReport
 from orpo_dist.data.rows import column_map, is_conversational_source, normalise_rows
 from orpo_dist.data.sources import Source
+from orpo_dist.data.summary import DataError, DataReport
 from orpo_dist.data.tokens import TOKEN_FEATURES, tokenize_pairs
 
 CHUNK_PAIRS = 1000

@@ -16,8 +16,8 @@ import datasets
 from trl.data_utils import extract_prompt, is_conversational, maybe_apply_chat_template, maybe_extract_prompt
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.summary import DataError
 from orpo_dist.data.sources import Source, type_name
+from orpo_dist.data.summary import DataError
 
 SKIP_HINT = "Fix the row, or set skip_invalid: true to drop such rows (they are counted in the log)."
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -152,6 +152,14 @@ def _normalise(
         example = maybe_extract_prompt(example) if conversational else _split_implicit(**example)
         for std in ("chosen", "rejected"):
             _check_value(columns[std], example[std], conversational)
+    if conversational:
+        for std in ("chosen", "rejected"):  # a trailing `user: thanks` would be trained as the completion
+            last = example[std][-1]["role"] if example[std] else None
+            if last != "assistant":
+                raise _BadRow(
+                    "last turn not the assistant's", columns[std],
+                    f"the last message has role {last!r}; a completion must end with the assistant's turn",
+                )  # fmt: skip
     if not conversational:
         return example
     if not isinstance(example["prompt"], list) or not example["prompt"]:

@@ -13,8 +13,8 @@ from collections import Counter
 import datasets
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.summary import EMPTY_AFTER_TRUNCATION, IDENTICAL_AFTER_TOKENISATION
 from orpo_dist.data.rows import COLUMNS
+from orpo_dist.data.summary import EMPTY_AFTER_TRUNCATION, IDENTICAL_AFTER_TOKENISATION
 
 TOKEN_FEATURES = datasets.Features(
     {
