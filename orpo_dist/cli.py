@@ -18,7 +18,8 @@ import sys
 from collections.abc import Callable
 from importlib.resources import files
 
-from orpo_dist.config import Config, ConfigError, load_config
+from orpo_dist.config import Config, ConfigError, load_config, parse_overrides
+from orpo_dist.config.load import CONFIG
 
 USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
        accelerate launch [--config_file configs/accelerate/X.yaml] -m orpo_dist.train ...
@@ -77,19 +78,9 @@ def parse(argv: list[str]) -> tuple[Config, bool]:
     starts from the documented defaults (a `--model` / `--data-path` run never inherits the preset's
     lr, beta or max_length).
     """
-    config_path = None
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a path to a YAML file (or `quickstart`)")
-            config_path, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            config_path, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
+    items = parse_overrides(argv)
+    config_path = next((value for key, value in reversed(items) if key == CONFIG), None)
+    rest = [(key, value) for key, value in items if key != CONFIG]
     preset = not argv or config_path == QUICKSTART
     return load_config(quickstart_preset() if preset else config_path, rest), preset
 

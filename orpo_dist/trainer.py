@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from orpo_dist import sequence_parallel
+from orpo_dist import cadence, sequence_parallel
 from orpo_dist.checkpoint import Checkpointer
 from orpo_dist.config import Config, ConfigError
 from orpo_dist.data.cache import tokenised_datasets
@@ -138,7 +138,7 @@ class Trainer:
         accelerator, t, progress = self.accelerator, self.cfg.train, self.checkpoints.progress
         if self.preempt.agreed(accelerator):  # a signal came during start-up: nothing new to save
             return self.preempted(progress.global_step, during="start-up")
-        if t.eval_on_start and progress.global_step == 0:
+        if t.eval_on_start and progress.global_step == 0 and t.eval_strategy != "no":
             self.log_eval(step=0)
         self.model.train()
         window, t0, stop = MetricWindow(), time.perf_counter(), False
@@ -148,8 +148,9 @@ class Trainer:
             while progress.global_step < self.total_steps:
                 grad_norm, health = self.optimizer_step(next(steps), window)
                 progress.advance(self.loader.shards.steps_per_epoch)
-                step = progress.global_step
-                if step % t.logging_steps == 0 or step == self.total_steps:
+                step, per_epoch = progress.global_step, self.loader.shards.steps_per_epoch
+                epoch_end = progress.step_in_epoch == 0
+                if cadence.logs(t, step, self.total_steps, epoch_end):
                     row = self.log_train(window, step, grad_norm, time.perf_counter() - t0)
                     bar.set_postfix(
                         loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}", refresh=False
@@ -158,14 +159,13 @@ class Trainer:
                 elif accelerator.is_main_process:  # between logging steps: rank 0's running window
                     bar.set_postfix(**window.preview(self.cfg.orpo.beta), refresh=False)
                 bar.update(1)
-                epoch_end = progress.step_in_epoch == 0
-                if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and epoch_end):
+                if cadence.evaluates(t, step, per_epoch, epoch_end):
                     self.log_eval(step)
                 # the step's one collective: a stop signal on any rank, a non-finite loss / grad norm on any rank
                 stop, loss_bad, grad_bad = self.preempt.check(accelerator, health)
                 if loss_bad or grad_bad:  # before any save: a non-finite value never becomes a checkpoint
                     raise self.health.error(step, loss_bad, self.out)
-                saved = bool(t.save_steps and step % t.save_steps == 0 and step < self.total_steps)
+                saved = cadence.saves(t, step, per_epoch, epoch_end, self.total_steps)
                 if saved or stop:
                     self.checkpoints.save(self.model)
                 if stop:
@@ -247,7 +247,7 @@ class Trainer:
     def finish(self) -> TrainResult:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
         accelerator, step = self.accelerator, self.checkpoints.progress.global_step
-        if self.checkpoints.last_eval_step != step:
+        if self.checkpoints.last_eval_step != step and self.cfg.train.eval_strategy != "no":
             self.log_eval(step)
         final = self.out / "final"
         self.checkpoints.save_model(self.model, final)

@@ -42,7 +42,7 @@ def test_help_lists_every_key_with_default_choices_aliases_and_description():
 
 
 def test_readme_key_table_is_generated_from_the_config():
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "readme_keys.py"), "--check"], env=launch_env(),
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "options_doc.py"), "--check"], env=launch_env(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, "docs/options.md key table is stale: run python scripts/options_doc.py"
 

@@ -1,7 +1,7 @@
 """Every key described from one source: `--help`, and docs/options.md's key table (tests/test_help.py checks it).
 
 A key's description is the docstring under its field in schema.py, read with `ast`; its default and
-choices come from the dataclass, and the other tools' names from load.py's ALIASES, SWITCHES and
+choices come from the dataclass, and the other tools' names from aliases.py's ALIASES, SWITCHES and
 OTHER_KEYS. Regenerate docs/options.md's table with `python scripts/options_doc.py`.
 """
 
@@ -14,7 +14,8 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal
 
 from orpo_dist.config import schema
-from orpo_dist.config.load import ALIASES, HINTS, OTHER_KEYS, SWITCHES
+from orpo_dist.config.aliases import ALIASES, OTHER_KEYS, SWITCHES
+from orpo_dist.config.load import HINTS
 from orpo_dist.config.schema import CHAT_TEMPLATES, SECTIONS
 
 

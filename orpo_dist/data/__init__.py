@@ -86,7 +86,7 @@ def build_datasets(
 
     Eval is a seeded held-out `eval_split` of the train source, or the pairs of `eval_data_path`.
     """
-    source = load_source(cfg.data_path, cfg.train_split, seed, cfg.max_samples)
+    source = load_source(cfg.data_path, cfg.train_split, seed, cfg.max_samples, cfg.dataset_config)
     report = DataReport(source=cfg.data_path, read=len(source.rows), dropped=Counter())
     first_of = duplicate_of(source, cfg)
     report.duplicates = len(first_of) - len(set(first_of))

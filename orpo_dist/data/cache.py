@@ -70,7 +70,7 @@ def _digest(data: str | bytes) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
 
 
-def describe_source(path: str, split: str) -> dict:
+def describe_source(path: str, split: str, name: str | None = None) -> dict:
     """What identifies a source's content without reading it all (a hub dataset: its datasets fingerprint)."""
     if path.startswith(BUILTIN_PREFIX):
         return {"builtin": path}
@@ -85,7 +85,7 @@ def describe_source(path: str, split: str) -> dict:
         return {
             "hub": path,
             "split": split,
-            "fingerprint": load_source(path, split, 0, None).rows._fingerprint,
+            "fingerprint": load_source(path, split, 0, None, name).rows._fingerprint,
         }
     except (DataError, AttributeError):  # not loadable: the build reports why
         return {"missing": path, "split": split}
@@ -105,7 +105,7 @@ def fingerprint(cfg: DataConfig, tokenizer, seed: int) -> dict:
     return {
         "format": DATA_FORMAT_VERSION,
         "settings": {**settings, "seed": seed},
-        "source": describe_source(cfg.data_path, cfg.train_split),
+        "source": describe_source(cfg.data_path, cfg.train_split, cfg.dataset_config),
         "eval_source": describe_source(*eval_source_args(cfg)) if cfg.eval_data_path else None,
         "tokenizer": tokenizer_digest(tokenizer),
         "chat_template": _digest(json.dumps(template, sort_keys=True)) if template else None,
