@@ -127,6 +127,11 @@ IGNORED = {
     "model_ref": "ORPO has no reference model",
     "dataloader_pin_memory": "batches are pinned on CUDA",
     "disable_tqdm": "the progress bar is off when stderr is not a terminal",
+    "use_cpu": "the device comes from the launch (CPU when no GPU is visible: CUDA_VISIBLE_DEVICES=)",
+    "label_pad_token_id": "padding is masked out of the loss",
+    "padding_value": "padding is masked out of the loss",
+    "dataloader_drop_last": "a ragged last step is weighted by its real pairs",
+    "overwrite_cache_dir": "see overwrite_cache",
 }
 # Other tools' keys that would change training in a way orpo_dist cannot honour: refused when set
 # (an empty value, `false` or `none` is accepted as "off" and warned about like IGNORED).
@@ -146,6 +151,10 @@ REFUSED = {
     "wandb_entity": "the wandb entity comes from $WANDB_ENTITY; set it there",
     "ddp_find_unused_parameters": "set by the launch",
     "torch_compile": "torch.compile is not used",
+    "generate_during_eval": "generation during evaluation is not implemented",
+    "is_encoder_decoder": "orpo_dist trains decoder-only causal LMs",
+    "model_init_kwargs": "use the keys dtype, attn_implementation, trust_remote_code, quantization",
+    "do_predict": "orpo_dist has no prediction step",
     "packing": "SFT packing joins unrelated rows into one sequence; for pairs use layout: packed (no pad tokens)",
 }
 EMPTY = (None, "", "none", "null", False, "false", [], {})
@@ -313,6 +322,13 @@ def _model_max_length(value: Any, key: str) -> Pairs:
     return [(IF_UNSET + "max_length", value)]
 
 
+def _truncation_mode(value: Any, key: str) -> Pairs:
+    """TRL `truncation_mode`: `keep_end` (long prompts keep their last tokens) is what orpo_dist does."""
+    if str(value).lower() != "keep_end":
+        raise ConfigError(f"{key}={value!r} cannot be honoured: long prompts keep their last tokens (keep_end)")
+    return []
+
+
 def _do_train(value: Any, key: str) -> Pairs:
     """LLaMA-Factory `do_train`: must be true (orpo_dist trains; use --eval_only to only evaluate)."""
     if not as_bool(value, key):
@@ -351,6 +367,7 @@ OTHER_KEYS: dict[str, tuple[Callable[[Any, str], Pairs], bool]] = {
     "model_max_length": (_model_max_length, False),
     "do_train": (_do_train, True),
     "username": (_username, False),
+    "truncation_mode": (_truncation_mode, False),
 }
 # AutoTrain's `--config` YAML nests keys under these (beside `data:`, which is our section's name too).
 FOREIGN_SECTIONS = ("params", "hub")
