@@ -142,3 +142,63 @@ def test_peft_config_maps_onto_the_lora_keys():
                                 use_rslora=True))  # fmt: skip
     assert keys == {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
                     "target_modules": "q_proj,v_proj", "use_rslora": True, "use_dora": False}  # fmt: skip
+
+
+# AutoTrain's two documented ORPO examples (its quick start and the customer-support one), written from
+# AutoTrain's documentation; only the import lines, the model and the data location are local.
+AUTOTRAIN_IMPORTS = "from orpo_dist.autotrain import LLMTrainingParams, AutoTrainProject"
+AUTOTRAIN_SCRIPTS = {
+    "quickstart": """
+params = LLMTrainingParams(
+    model=MODEL, data_path=DATA, project_name=OUT, trainer="orpo",
+    prompt_text_column="prompt", text_column="chosen", rejected_text_column="rejected",
+    dpo_beta=0.1, max_prompt_length=128, max_completion_length=64,
+    epochs=1, batch_size=2, gradient_accumulation=1, lr=5e-5, peft=True, lora_r=16, lora_alpha=32, log="wandb",
+)
+project = AutoTrainProject(params=params, backend="local", process=True)
+result = project.create()
+""",
+    "customer_support": """
+params = LLMTrainingParams(
+    model=MODEL, data_path=DATA, project_name=OUT, trainer="orpo",
+    prompt_text_column="prompt", text_column="chosen", rejected_text_column="rejected",
+    dpo_beta=0.15, max_prompt_length=256, max_completion_length=128,
+    epochs=1, batch_size=2, gradient_accumulation=4, lr=2e-5, peft=True, lora_r=16, lora_alpha=64, log="wandb",
+)
+project = AutoTrainProject(params=params, backend="local", process=True)
+result = project.create()
+""",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", list(AUTOTRAIN_SCRIPTS))
+def test_autotrain_python_api_examples_run_with_only_the_imports_changed(example, tmp_path, tiny_model_dir,
+                                                                         monkeypatch):  # fmt: skip
+    pytest.importorskip("bitsandbytes")  # AutoTrain's default with peft: int4
+    from helpers import pairs_jsonl
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    data = tmp_path / "data"
+    data.mkdir()
+    pairs_jsonl(data / "train.jsonl", n=16)
+    scope = {"MODEL": str(tiny_model_dir), "DATA": str(data), "OUT": str(tmp_path / "out")}
+    exec(AUTOTRAIN_IMPORTS + "\n" + AUTOTRAIN_SCRIPTS[example], scope)
+    result = scope["result"]
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    beta, accumulation, alpha = (0.1, 1, 32) if example == "quickstart" else (0.15, 4, 64)
+    assert (saved["orpo"]["beta"], saved["train"]["gradient_accumulation"], saved["peft"]["lora_alpha"]) == (
+        beta, accumulation, alpha,
+    )  # fmt: skip
+    assert (saved["peft"]["quantization"], saved["train"]["log"]) == ("int4", "wandb")
+    assert result.final_dir is not None and (result.final_dir / "adapter_config.json").is_file()
+
+
+def test_autotrain_project_refuses_other_backends_and_keeps_the_token_out_of_the_config(monkeypatch):
+    from orpo_dist.autotrain import AutoTrainProject, LLMTrainingParams
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    params = LLMTrainingParams(model="m", trainer="orpo", token="hf_secret")
+    assert os.environ["HF_TOKEN"] == "hf_secret" and "token" not in params.params
+    with pytest.raises(ConfigError, match="backend='spaces-a10g-large'.*use backend='local'"):
+        AutoTrainProject(params=params, backend="spaces-a10g-large")
