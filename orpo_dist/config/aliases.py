@@ -92,7 +92,11 @@ SWITCHES = {
 # Other tools' spellings of one of our values.
 VALUE_ALIASES = {
     "optim": {"adamw_bnb_8bit": "adamw_8bit"},  # transformers' / Axolotl's older name
-    "chat_template": {"tokenizer_default": "tokenizer", "default": "tokenizer"},  # Axolotl, LLaMA-Factory
+    "chat_template": {  # Axolotl, LLaMA-Factory and Unsloth spellings
+        "tokenizer_default": "tokenizer", "default": "tokenizer", "llama-3": "llama3", "llama3.1": "llama-3.1",
+        "llama31": "llama-3.1", "qwen2.5": "qwen-2.5", "qwen25": "qwen-2.5", "qwen": "qwen-2.5", "phi3": "phi-3",
+        "phi": "phi-3",
+    },  # fmt: skip
     "backend": {"local": "auto", "local-cli": "auto"},  # AutoTrain YAML `backend: local`: this machine
     "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"},
 }

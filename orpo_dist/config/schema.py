@@ -25,7 +25,10 @@ EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 GGUF_QUANTS: tuple[str, ...] = get_args(GgufQuant)
 OPTIMIZERS: tuple[str, ...] = get_args(Optim)
 # `chat_template` names (templates.py holds the templates); anything else must be a .jinja file
-CHAT_TEMPLATES = ("tokenizer", "chatml", "zephyr", "llama3", "none")
+CHAT_TEMPLATES = (
+    "tokenizer", "chatml", "zephyr", "llama3", "llama-3.1", "qwen-2.5", "gemma", "mistral", "phi-3", "alpaca",
+    "vicuna", "none",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
