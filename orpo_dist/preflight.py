@@ -25,6 +25,7 @@ LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 def check_run(cfg: Config, world_size: int, strategy: str) -> ResumePoint | None:
     """The checks that need no model: output_dir, resume, float16 weights, GGUF toolchain."""
+    check_cpu_launch(world_size)
     check_output_dir(Path(cfg.train.output_dir))
     point = find_resume_point(cfg)
     if point is not None:
@@ -49,6 +50,36 @@ def check_run(cfg: Config, world_size: int, strategy: str) -> ResumePoint | None
         except (ImportError, FileNotFoundError) as e:
             raise ConfigError(f"export: [gguf] cannot run after training: {e}") from None
     return point
+
+
+def check_cpu_launch(world_size: int) -> None:
+    """`accelerate launch --cpu --num_processes N` (N > 1) starts ONE process (accelerate's simple launcher) that
+    would train alone and exit 0: seen from the launcher's command line, our parent process."""
+    if world_size != 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true":
+        return
+    asked = launcher_processes(os.getppid())
+    if asked > 1:
+        raise ConfigError(
+            f"accelerate launch --cpu --num_processes {asked} starts one process, not {asked} (accelerate runs --cpu "
+            f"as a single process). On CPU launch DDP with: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            f"--num_processes {asked} -m orpo_dist.train ..."
+        )
+
+
+def launcher_processes(pid: int) -> int:
+    """`--num_processes` of an `accelerate launch` command line (/proc/<pid>/cmdline), else 1."""
+    try:
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return 1
+    if not any(Path(a).name in ("accelerate", "accelerate-launch", "accelerate.commands.launch") for a in args[:3]):
+        return 1
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in ("--num_processes", "--num-processes"):
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            return int(value) if value.isdigit() else 1
+    return 1
 
 
 def check_output_dir(out: Path) -> None:

@@ -74,6 +74,8 @@ class Trainer:
         if accelerator.is_main_process:
             cfg.save(self.out / "config.yaml")
         self.say(describe(accelerator, cfg))
+        for note in self.resume_point.notes if self.resume_point else []:
+            self.say(note)
         if t.resume == "auto" and not self.resume_point:
             self.say("resume: auto found no checkpoint; starting fresh")
 
@@ -89,7 +91,7 @@ class Trainer:
         collate = make_collator(layout, pad, scope, *sequence_parallel.slice_of(accelerator))
         self.loader, self.eval_loader = make_loaders(t, train_ds, eval_ds, collate, accelerator)
         steps_per_epoch = self.loader.shards.steps_per_epoch
-        self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+        self.total_steps = t.max_steps if t.max_steps >= 0 else math.ceil(t.epochs * steps_per_epoch)
         fingerprint = run_fingerprint(cfg, world, strategy)
         fingerprint.pairs, fingerprint.data_sha256 = len(train_ds), data_sha256(train_ds)
         if self.resume_point:
@@ -132,7 +134,15 @@ class Trainer:
         if point:
             self.checkpoints.load(point)
         self.metrics.start(point.step if point else None)
-        return self._loop()
+        return self.evaluate_only() if self.cfg.train.eval_only else self._loop()
+
+    def evaluate_only(self) -> TrainResult:
+        """`eval_only` / `max_steps: 0`: the held-out metrics of the model (or resume's checkpoint), nothing saved."""
+        step = self.checkpoints.progress.global_step
+        self.log_eval(step)
+        self.accelerator.end_training()
+        self.say(f"eval only: step {step}; nothing trained or saved")
+        return TrainResult(self.out, step, None, self.metrics.rows)
 
     def _loop(self) -> TrainResult:
         accelerator, t, progress = self.accelerator, self.cfg.train, self.checkpoints.progress

@@ -44,8 +44,12 @@ def problems(cfg: Config) -> list[str]:
         p.append(f"lr={t.lr} must be > 0")
     if o.beta < 0:
         p.append(f"beta={o.beta} must be >= 0 (0 trains plain SFT on the chosen answers)")
-    if t.max_steps <= 0 and t.epochs <= 0:
+    if t.max_steps < 0 and t.epochs <= 0:
         p.append(f"epochs={t.epochs} and max_steps={t.max_steps}: set epochs > 0 or max_steps > 0")
+    if t.max_steps < -1:
+        p.append(f"max_steps={t.max_steps} must be -1 (run epochs), 0 (evaluate only) or a step count")
+    if t.eval_only and d.eval_split == 0 and not d.eval_data_path:
+        p.append("eval_only (or max_steps: 0) needs held-out pairs: set eval_split > 0 or eval_data_path")
     if t.warmup_steps is not None and t.warmup_steps < 0:
         p.append(f"warmup_steps={t.warmup_steps} must be >= 0 (a count, or a fraction below 1)")
     if t.scheduler == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(t.lr_scheduler_kwargs or {}):

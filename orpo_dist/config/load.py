@@ -299,6 +299,8 @@ def load_config(
         if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
             log.warning("ignored (they change nothing here): " +
                         "; ".join(f"{k} ({why})" for k, why in r.ignored.items()))  # fmt: skip
+    if cfg.train.max_steps == 0:  # never "a whole epoch": zero steps of training is an evaluation
+        cfg.train.eval_only = True
     if cfg.train.eval_strategy == "steps" and not cfg.train.eval_steps:
         cfg.train.eval_steps = cfg.train.logging_steps  # transformers: eval_steps defaults to logging_steps
     d = cfg.data  # Axolotl `sequence_len: 256` alone: a prompt budget that fits

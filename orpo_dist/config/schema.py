@@ -151,7 +151,12 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the training pairs (fractions allowed)."""
     max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run `epochs`)."""
+    """Stop after this many optimizer steps (-1: run `epochs`; 0: evaluate only, as `eval_only`)."""
+    eval_only: bool = False
+    """Only evaluate the model (or `resume`'s checkpoint) on the held-out pairs; nothing is trained or saved."""
+    dry_run: bool = False
+    """Check config, data (counts, truncation, one rendered pair) and model (on the meta device: parameter
+    counts, memory estimate), print the resolved config, and exit without training."""
     batch_size: int = 8
     """Pairs per device per micro-batch."""
     gradient_accumulation: int = 1
