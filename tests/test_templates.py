@@ -108,8 +108,8 @@ def test_chat_template_spellings(value, stored):
 
 
 def test_unknown_chat_template_is_a_config_error():
-    with pytest.raises(ConfigError, match="chat_template='vicuna' is not one of"):
-        load_config(None, {"chat_template": "vicuna"})
+    with pytest.raises(ConfigError, match="chat_template='falcon' is not one of"):
+        load_config(None, {"chat_template": "falcon"})
 
 
 CONVERSATION = [

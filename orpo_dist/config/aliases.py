@@ -197,24 +197,29 @@ def _adapter(value: Any, key: str) -> Pairs:
     return [("use_peft", True)] * (text in ("lora", "qlora")) + [("quantization", "int4")] * (text == "qlora")
 
 
+DATASET_ENTRY = ("path", "split", "name", "prompt_column", "chosen_column", "rejected_column", "max_samples")
+
+
 def _datasets(value: Any, key: str) -> Pairs:
-    """Axolotl: a list of one `{path, split, type}` (sets data_path and train_split; the format is detected)."""
+    """Axolotl / TRL `datasets:` list of `{path, split, name, type, *_column, max_samples}` (`type` is ignored:
+    the format is detected); one entry sets data_path, several are mixed (`sources`)."""
     entries = value if isinstance(value, list) else [value]
-    if len(entries) != 1:
-        raise ConfigError(
-            f"{key} has {len(entries)} entries; orpo_dist trains on one preference dataset: keep one entry "
-            "(or join the files into one)"
-        )
-    entry = entries[0]
-    if not isinstance(entry, dict):
-        return [("data_path", entry)]
-    unknown = sorted(set(entry) - {"path", "split", "type"})
-    if "path" not in entry or unknown:
-        raise ConfigError(
-            f"{key}[0]={entry!r}: an entry takes path (a file, directory or hub dataset), split and type "
-            f"(ignored: the format is detected from the rows){'; not ' + ', '.join(unknown) if unknown else ''}"
-        )
-    return [("data_path", entry["path"])] + ([("train_split", entry["split"])] if entry.get("split") else [])
+    if all(not isinstance(e, dict) for e in entries):
+        return [("data_path", ",".join(map(str, entries)))]
+    kept = []
+    for i, entry in enumerate(entries):
+        entry = entry if isinstance(entry, dict) else {"path": entry}
+        unknown = sorted(set(entry) - {*DATASET_ENTRY, "type"})
+        if "path" not in entry or unknown:
+            raise ConfigError(
+                f"{key}[{i}]={entry!r}: an entry takes path (a file, directory or hub dataset), split, name, "
+                "prompt_column / chosen_column / rejected_column, max_samples and type (ignored: the format is "
+                f"detected from the rows){'; not ' + ', '.join(unknown) if unknown else ''}"
+            )
+        kept.append({k: v for k, v in entry.items() if k != "type"})
+    if len(kept) == 1 and set(kept[0]) <= {"path", "split"}:
+        return [("data_path", kept[0]["path"])] + ([("train_split", kept[0]["split"])] if kept[0].get("split") else [])
+    return [("sources", kept), ("data_path", ",".join(str(e["path"]) for e in kept))]
 
 
 def _refuse_token(value: Any, key: str) -> Pairs:

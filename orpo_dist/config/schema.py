@@ -68,7 +68,10 @@ class ModelConfig:
 class DataConfig:
     data_path: str = "builtin:case_rule"
     """JSONL/JSON/CSV/Parquet file, a directory holding train.jsonl|csv|parquet (AutoTrain), a `save_to_disk`
-    directory, a hub dataset, or `builtin:case_rule`."""
+    directory, a hub dataset, or `builtin:case_rule`; several: a list, `a,b` or a glob (`data/*.jsonl`)."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Several sources mixed in order, each `{path, split, name, prompt_column, chosen_column, rejected_column,
+    max_samples}` (Axolotl / TRL `datasets:` lists); replaces data_path."""
     train_split: str = "train"
     """Split to read from a hub dataset, a DatasetDict directory, or a directory's `<split>.jsonl|csv|parquet`."""
     prompt_column: str = "prompt"

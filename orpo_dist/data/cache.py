@@ -42,6 +42,7 @@ from orpo_dist.config import Config, DataConfig
 from orpo_dist.data import build_datasets, eval_source_args
 from orpo_dist.data.parallel import AUTO_MIN_PAIRS, resolve_num_proc
 from orpo_dist.data.report import DataError, DataReport
+from orpo_dist.data.mix import specs
 from orpo_dist.data.sources import load_source
 from orpo_dist.distributed import agreed_start
 
@@ -105,7 +106,9 @@ def fingerprint(cfg: DataConfig, tokenizer, seed: int) -> dict:
     return {
         "format": DATA_FORMAT_VERSION,
         "settings": {**settings, "seed": seed},
-        "source": describe_source(cfg.data_path, cfg.train_split, cfg.dataset_config),
+        "source": [describe_source(s.path, s.split, s.name or cfg.dataset_config) for s in mixture]
+        if (mixture := specs(cfg))
+        else describe_source(cfg.data_path, cfg.train_split, cfg.dataset_config),
         "eval_source": describe_source(*eval_source_args(cfg)) if cfg.eval_data_path else None,
         "tokenizer": tokenizer_digest(tokenizer),
         "chat_template": _digest(json.dumps(template, sort_keys=True)) if template else None,
