@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal
 
 from orpo_dist.config import schema
-from orpo_dist.config.aliases import ALIASES, OTHER_KEYS, SWITCHES
+from orpo_dist.config.aliases import ALIASES, IGNORED, OTHER_KEYS, REFUSED, SWITCHES
 from orpo_dist.config.load import HINTS
 from orpo_dist.config.schema import CHAT_TEMPLATES, SECTIONS
 
@@ -89,6 +89,10 @@ def help_text() -> str:
     lines.append("\nother tools' keys (checked or translated, not stored):")
     for name, doc in other_keys():
         lines.append(f"  --{name}\n      {doc}")
+    lines.append("\nother tools' keys that change nothing here (accepted, named in one warning line):")
+    lines += [f"  --{name}  ({why})" for name, why in IGNORED.items()]
+    lines.append("\nother tools' keys refused when set (the reason):")
+    lines += [f"  --{name}  ({why})" for name, why in REFUSED.items()]
     return "\n".join(lines)
 
 
@@ -105,4 +109,8 @@ def markdown_table() -> str:
         rows.append(f"| `{k.name}` | {k.section} | `{k.default}` | {choices} | {aliases} | {_cell(k.doc)} |")
     for name, doc in other_keys():
         rows.append(f"| `{name}` | (other tools) | | | | {_cell(doc)} |")
+    for name, why in IGNORED.items():
+        rows.append(f"| `{name}` | (other tools: ignored, one warning line) | | | | {_cell(why)} |")
+    for name, why in REFUSED.items():
+        rows.append(f"| `{name}` | (other tools: refused when set) | | | | {_cell(why)} |")
     return "\n".join(rows)
