@@ -157,6 +157,11 @@ def _main(argv: list[str], signalled: Callable[[], bool]) -> int:
     if preset and os.environ.get("RANK", "0") == "0":
         print(f"[orpo_dist] running the built-in quickstart ({quickstart_preset()})", flush=True)
     try:
+        if cfg.train.dry_run:
+            from orpo_dist.dry_run import dry_run
+
+            dry_run(cfg, say=lambda line: print(f"[orpo_dist] {line}", flush=True))
+            return 0
         return exit_code(run(cfg, signalled))
     except ConfigError as e:
         return _fail(str(e), 2)

@@ -3,6 +3,7 @@ finished model, a resume after the model was copied elsewhere, `accelerate launc
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
@@ -94,3 +95,16 @@ def test_accelerate_launch_cpu_with_two_processes_is_refused_with_the_working_sp
     assert code != 0, out[-2000:]
     assert "starts one process, not 2" in out and "--multi_gpu --num_processes 2" in out, out[-2000:]
     assert ACCEL.is_dir()
+
+
+def test_dry_run_checks_config_data_and_model_and_trains_nothing(tmp_path, capsys):
+    from orpo_dist.cli import main
+
+    out = tmp_path / "run"
+    code = main(["--config", str(TINY_YAML), "--dry_run", "--peft", "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "dry run: resolved config" in printed and "lr: 0.003" in printed  # the resolved config
+    assert "read 34 pairs, used 34 (train)" in printed and "  chosen:" in printed  # data: counts, one pair
+    assert re.search(r"87,360 parameters, [\d,]+ trainable; .*AdamW state ~[\d.]+ (MiB|GiB)", printed)
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
