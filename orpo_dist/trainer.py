@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from orpo_dist import cadence, sequence_parallel
+from orpo_dist import cadence, console, sequence_parallel
 from orpo_dist.checkpoint import Checkpointer
 from orpo_dist.config import Config, ConfigError
 from orpo_dist.data.cache import tokenised_datasets
@@ -74,6 +74,7 @@ class Trainer:
         if accelerator.is_main_process:
             cfg.save(self.out / "config.yaml")
         self.say(describe(accelerator, cfg))
+        self.say(console.how_it_runs(accelerator, cfg))
         for note in self.resume_point.notes if self.resume_point else []:
             self.say(note)
         if t.resume == "auto" and not self.resume_point:
@@ -152,6 +153,7 @@ class Trainer:
             self.log_eval(step=0)
         self.model.train()
         window, t0, stop = MetricWindow(), time.perf_counter(), False
+        self.started, self.first_step, self.tokens_seen = t0, progress.global_step, 0.0
         steps = self.loader.steps(progress.epoch, progress.step_in_epoch, progress.global_step)
         with tqdm(total=self.total_steps, initial=progress.global_step, desc="orpo", dynamic_ncols=True,
                   disable=not accelerator.is_main_process) as bar:  # fmt: skip
@@ -161,10 +163,13 @@ class Trainer:
                 step, per_epoch = progress.global_step, self.loader.shards.steps_per_epoch
                 epoch_end = progress.step_in_epoch == 0
                 if cadence.logs(t, step, self.total_steps, epoch_end):
-                    row = self.log_train(window, step, grad_norm, time.perf_counter() - t0)
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}", refresh=False
-                    )
+                    seconds = time.perf_counter() - t0
+                    row = self.log_train(window, step, grad_norm, seconds)
+                    self.tokens_seen += row["tokens_per_second"] * seconds
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}",
+                                    tokens_s=f"{row['tokens_per_second']:.0f}", refresh=False)  # fmt: skip
+                    if accelerator.is_main_process:  # one compact line per logged step, as TRL prints them
+                        bar.write(f"[orpo_dist] {console.step_line(row)}")
                     t0 = time.perf_counter()
                 elif accelerator.is_main_process:  # between logging steps: rank 0's running window
                     bar.set_postfix(**window.preview(self.cfg.orpo.beta), refresh=False)
@@ -256,7 +261,8 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
-        accelerator, step = self.accelerator, self.checkpoints.progress.global_step
+        accelerator, step, t = self.accelerator, self.checkpoints.progress.global_step, self.cfg.train
+        seconds = time.perf_counter() - self.started  # training and its evals: not the save / export below
         if self.checkpoints.last_eval_step != step and self.cfg.train.eval_strategy != "no":
             self.log_eval(step)
         final = self.out / "final"
@@ -270,6 +276,9 @@ class Trainer:
         evals = [r["eval_rewards/accuracies"] for r in self.metrics.rows if "eval_rewards/accuracies" in r]
         if len(evals) >= 2:
             self.say(f"held-out preference accuracy: {evals[0]:.3f} before -> {evals[-1]:.3f} after")
+        pairs_per_step = t.batch_size * t.gradient_accumulation * (accelerator.num_processes // t.sequence_parallel_size)
+        self.say(console.end_line(seconds, step - self.first_step, pairs_per_step,
+                                  self.tokens_seen, self.metrics.rows))  # fmt: skip
         self.say(f"done: {step} steps; final model in {final}")
         return TrainResult(self.out, step, final, self.metrics.rows)
 
