@@ -99,7 +99,9 @@ def write_model(model: Any, out: Path, tokenizer: Any = None) -> Path:
             "(or model.merge_and_unload() first)"
         )
     if not hasattr(model, "save_pretrained"):
-        raise ConfigError(f"model: a {type(model).__name__} is not a transformers PreTrainedModel, hub id or path")
+        raise ConfigError(
+            f"model: a {type(model).__name__} is not a transformers PreTrainedModel, hub id or path"
+        )
     import torch
 
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -114,7 +116,9 @@ def write_model(model: Any, out: Path, tokenizer: Any = None) -> Path:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"model: pass processing_class=<its tokenizer> (none found at {source!r}: {e})") from None
+            raise ConfigError(
+                f"model: pass processing_class=<its tokenizer> (none found at {source!r}: {e})"
+            ) from None
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)

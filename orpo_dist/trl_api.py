@@ -71,7 +71,9 @@ def lora_keys(peft_config: Any) -> dict[str, Any]:
     if peft_config is None:
         return {}
     if type(peft_config).__name__ != "LoraConfig":
-        raise ConfigError(f"peft_config: a {type(peft_config).__name__}; orpo_dist trains LoRA adapters (LoraConfig)")
+        raise ConfigError(
+            f"peft_config: a {type(peft_config).__name__}; orpo_dist trains LoRA adapters (LoraConfig)"
+        )
     keys = {"use_peft": True}
     for attr, key in LORA_FIELDS.items():
         value = getattr(peft_config, attr, None)
@@ -102,8 +104,14 @@ class ORPOTrainer:
         from orpo_dist.inputs import bind, is_object
 
         if data_collator is not None or callbacks or unsupported:
-            names = ["data_collator"] * (data_collator is not None) + ["callbacks"] * bool(callbacks) + list(unsupported)
-            raise ConfigError(f"ORPOTrainer: {', '.join(names)} not supported (orpo_dist collates and logs itself)")
+            names = (
+                ["data_collator"] * (data_collator is not None)
+                + ["callbacks"] * bool(callbacks)
+                + list(unsupported)
+            )
+            raise ConfigError(
+                f"ORPOTrainer: {', '.join(names)} not supported (orpo_dist collates and logs itself)"
+            )
         if model is None or train_dataset is None:
             raise ConfigError("ORPOTrainer needs model= and train_dataset=")
         self.args = args or ORPOConfig()
@@ -139,7 +147,9 @@ class ORPOTrainer:
         from transformers.trainer_utils import TrainOutput
 
         if resume_from_checkpoint:
-            self.cfg.train.resume = "latest" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+            self.cfg.train.resume = (
+                "latest" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+            )
         trainer = self._built()
         try:
             result = trainer.train()

@@ -25,7 +25,8 @@ def test_step_and_end_lines():
 
 @pytest.mark.slow
 def test_a_run_prints_its_setup_each_logged_step_and_its_throughput(tmp_path, tiny_model_dir, capsys):
-    orpo_dist.train(tiny_run(tmp_path / "run", model=str(tiny_model_dir), max_steps=4, logging_steps=2))
+    orpo_dist.train(tiny_run(tmp_path / "run", model=str(tiny_model_dir), max_steps=4, logging_steps=2,
+                             log="tensorboard"))  # fmt: skip
     captured = capsys.readouterr()
     out = captured.out
     assert "precision float32 (no mixed precision); strategy none (one process) over 1 process(es); " \
@@ -34,3 +35,4 @@ def test_a_run_prints_its_setup_each_logged_step_and_its_throughput(tmp_path, ti
     assert steps == ["2", "4"]
     assert re.search(r"train_runtime [\d.]+ s \| train_samples_per_second [\d.]+ \| .* tokens/s \d+", out)
     assert "tokens_s=" in captured.err  # the bar (stderr) shows tokens/s
+    assert "tensorboard: events in" in out and "wandb" not in (out + captured.err).lower()  # only its tracker

@@ -27,7 +27,9 @@ def files(tmp_path):
 
 
 def _build(keys: dict):
-    cfg = load_config(None, {"eval_split": 0, "max_length": 96, "max_prompt_length": 48, "num_proc": 1, **keys})
+    cfg = load_config(
+        None, {"eval_split": 0, "max_length": 96, "max_prompt_length": 48, "num_proc": 1, **keys}
+    )
     return build_datasets(cfg.data, build_tokenizer(), seed=0)
 
 
@@ -47,7 +49,12 @@ def test_datasets_entries_have_their_own_columns_split_and_max_samples(files):
     a, b, renamed = files
     entries = [
         {"path": str(a), "type": "chat_template.argilla", "max_samples": 3},
-        {"path": str(renamed), "prompt_column": "question", "chosen_column": "good", "rejected_column": "bad"},
+        {
+            "path": str(renamed),
+            "prompt_column": "question",
+            "chosen_column": "good",
+            "rejected_column": "bad",
+        },
         {"path": str(b), "split": "train"},
     ]
     train, _, report = _build({"datasets": entries})
@@ -69,7 +76,9 @@ def test_the_cache_key_covers_every_source(files):
 def test_a_bad_row_names_its_own_file_and_line(files, tmp_path):
     a, _, _ = files
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": 5, "rejected": "r"}\n')
+    bad.write_text(
+        '{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": 5, "rejected": "r"}\n'
+    )
     with pytest.raises(DataError, match=rf"\({bad}\) line 2"):
         _build({"data_path": [str(a), str(bad)]})
     with pytest.raises(DataError, match="matches no file"):

@@ -81,7 +81,9 @@ def test_train_accepts_datasets_dataframes_lists_and_model_objects(tmp_path, tin
     names = set()
     for name, data in forms.items():
         out = tmp_path / name
-        result = orpo_dist.train({"data_path": data, "model": str(tiny_model_dir)}, output_dir=str(out), **common)
+        result = orpo_dist.train(
+            {"data_path": data, "model": str(tiny_model_dir)}, output_dir=str(out), **common
+        )
         assert result.global_step == 1, name
         names.add(os.path.basename(yaml.safe_load((out / "config.yaml").read_text())["data"]["data_path"]))
     # the same rows give the same fingerprint, whatever object held them

@@ -20,7 +20,7 @@ PASTED = REPO / "tests" / "configs" / "pasted"
 
 def _diffs() -> list[tuple[list[str], list[str]]]:
     blocks = re.findall(r"```diff\n(.*?)```", DOC.read_text(), flags=re.S)
-    return [([l[1:] for l in b.splitlines() if l.startswith("-")], [l[1:] for l in b.splitlines() if l.startswith("+")])
+    return [([x[1:] for x in b.splitlines() if x.startswith("-")], [x[1:] for x in b.splitlines() if x.startswith("+")])
             for b in blocks]  # fmt: skip
 
 
@@ -34,7 +34,9 @@ def test_every_migration_diff_is_one_the_tests_run(monkeypatch):
     # the AutoTrain command: the flags the test runs, after `python -m orpo_dist.train`
     shown = at_cli[1][0].removeprefix("python -m orpo_dist.train ").removesuffix(" ...")
     assert AUTOTRAIN.format(model="Qwen/Qwen2.5-1.5B-Instruct", data="data/").startswith(shown)
-    assert at_cli[0][0].removeprefix("autotrain llm ") == at_cli[1][0].removeprefix("python -m orpo_dist.train ")
+    assert at_cli[0][0].removeprefix("autotrain llm ") == at_cli[1][0].removeprefix(
+        "python -m orpo_dist.train "
+    )
     # the config-file diffs: the `+` command line parses the pasted file as the CLI does
     monkeypatch.setenv("HF_USERNAME", "someone")
     for (_, plus), file in ((at_yaml, "autotrain_orpo.yaml"), (axolotl, "axolotl_orpo.yaml"),

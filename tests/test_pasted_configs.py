@@ -94,8 +94,18 @@ def test_autotrain_config_yaml_loads_as_pasted(caplog, monkeypatch):
     # block_size is AutoTrain's training length; model_max_length only the tokenizer's limit
     assert (d.max_length, d.max_prompt_length, d.max_completion_length) == (1024, 512, 1024)
     assert (pe.use_peft, pe.quantization, pe.target_modules) == (True, "int4", "all-linear")
-    assert (t.epochs, t.batch_size, t.lr, t.gradient_accumulation, t.mixed_precision) == (3, 2, 3e-5, 4, "fp16")
-    assert (e.formats, e.push_to_hub, e.hub_model_id) == (["merged_16bit"], True, "someone/autotrain-llama3-8b-orpo")
+    assert (t.epochs, t.batch_size, t.lr, t.gradient_accumulation, t.mixed_precision) == (
+        3,
+        2,
+        3e-5,
+        4,
+        "fp16",
+    )
+    assert (e.formats, e.push_to_hub, e.hub_model_id) == (
+        ["merged_16bit"],
+        True,
+        "someone/autotrain-llama3-8b-orpo",
+    )
     (line,) = _warnings(caplog)
     assert "padding" in line
     monkeypatch.delenv("HF_USERNAME")
@@ -179,7 +189,11 @@ def test_trl_everyday_keys_have_their_hf_meaning():
         "use_liger_kernel": False, "gradient_checkpointing_kwargs": {"use_reentrant": True},
     })  # fmt: skip
     t, pe, m = cfg.train, cfg.peft, cfg.model
-    assert (t.warmup_steps, t.scheduler, t.lr_scheduler_kwargs) == (0.1, "cosine_with_min_lr", {"min_lr": 1e-6})
+    assert (t.warmup_steps, t.scheduler, t.lr_scheduler_kwargs) == (
+        0.1,
+        "cosine_with_min_lr",
+        {"min_lr": 1e-6},
+    )
     assert (t.eval_strategy, t.save_strategy, t.logging_strategy, t.log) == ("epoch", "no", "steps", "wandb")
     assert (m.dtype, m.disable_dropout, m.tf32, m.fused_kernels) == ("bfloat16", False, True, "none")
     assert m.gradient_checkpointing_kwargs == {"use_reentrant": True}
@@ -212,7 +226,9 @@ def test_warmup_steps_and_scheduler_kwargs_reach_the_schedule():
 
     model = torch.nn.Linear(2, 2)
     t = load_config(None, {"warmup_steps": 0.25, "lr": 1.0, "scheduler": "constant_with_warmup"}).train
-    _, sched = build_optimizer(t, model, total_steps=10)  # ceil(0.25 x 10) = 3 warmup steps, as transformers 5
+    _, sched = build_optimizer(
+        t, model, total_steps=10
+    )  # ceil(0.25 x 10) = 3 warmup steps, as transformers 5
     lrs = [sched.get_last_lr()[0]] + [(sched.step(), sched.get_last_lr()[0])[1] for _ in range(4)]
     assert lrs == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
     t = load_config(None, {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 0.1},
@@ -252,7 +268,11 @@ def test_disable_dropout_defaults_as_trl_and_zeroes_lora_dropout_too(tiny_model_
 
     from orpo_dist.modeling import load_model
 
-    assert load_config().model.disable_dropout is ORPOConfig("x", use_cpu=True, bf16=False).disable_dropout is True
+    assert (
+        load_config().model.disable_dropout
+        is ORPOConfig("x", use_cpu=True, bf16=False).disable_dropout
+        is True
+    )
     cfg = load_config(None, {"peft": True, "lora_dropout": 0.1})
     model = load_model(cfg, str(tiny_model_dir), 1, torch.device("cpu"), say=lambda m: None)
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}

@@ -1,8 +1,8 @@
 """The run's settings: typed sections (`schema`), what users write (`load`), validation (`checks`), other
 tools' names (`aliases`)."""
 
-from orpo_dist.config.checks import problems, validate
 from orpo_dist.config.aliases import ALIASES, SWITCHES
+from orpo_dist.config.checks import problems, validate
 from orpo_dist.config.load import LEAVES, canonical, load_config, parse_overrides
 from orpo_dist.config.schema import (
     CHAT_TEMPLATES,

@@ -86,19 +86,35 @@ SWITCHES = {
     "use_flash_attention_2": ("attn_implementation", "flash_attention_2"),  # AutoTrain
     "flash_attention": ("attn_implementation", "flash_attention_2"),  # Axolotl
     "lora_target_linear": ("target_modules", "all-linear"),  # Axolotl
-    "sample_packing": ("layout", "packed"),  # Axolotl: rows without pad tokens, each in its own attention block
+    "sample_packing": (
+        "layout",
+        "packed",
+    ),  # Axolotl: rows without pad tokens, each in its own attention block
     "padding_free": ("layout", "packed"),  # TRL
 }
 # Other tools' spellings of one of our values.
 VALUE_ALIASES = {
     "optim": {"adamw_bnb_8bit": "adamw_8bit"},  # transformers' / Axolotl's older name
     "chat_template": {  # Axolotl, LLaMA-Factory and Unsloth spellings
-        "tokenizer_default": "tokenizer", "default": "tokenizer", "llama-3": "llama3", "llama3.1": "llama-3.1",
-        "llama31": "llama-3.1", "qwen2.5": "qwen-2.5", "qwen25": "qwen-2.5", "qwen": "qwen-2.5", "phi3": "phi-3",
+        "tokenizer_default": "tokenizer",
+        "default": "tokenizer",
+        "llama-3": "llama3",
+        "llama3.1": "llama-3.1",
+        "llama31": "llama-3.1",
+        "qwen2.5": "qwen-2.5",
+        "qwen25": "qwen-2.5",
+        "qwen": "qwen-2.5",
+        "phi3": "phi-3",
         "phi": "phi-3",
     },  # fmt: skip
     "backend": {"local": "auto", "local-cli": "auto"},  # AutoTrain YAML `backend: local`: this machine
-    "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"},
+    "dtype": {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "fp32": "float32",
+        "half": "float16",
+        "float": "float32",
+    },
 }
 # Other tools' keys that change nothing here: accepted, and named in one warning line with the reason.
 IGNORED = {
@@ -164,7 +180,6 @@ REFUSED = {
 EMPTY = (None, "", "none", "null", False, "false", [], {})
 
 
-
 def as_bool(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -218,7 +233,9 @@ def _datasets(value: Any, key: str) -> Pairs:
             )
         kept.append({k: v for k, v in entry.items() if k != "type"})
     if len(kept) == 1 and set(kept[0]) <= {"path", "split"}:
-        return [("data_path", kept[0]["path"])] + ([("train_split", kept[0]["split"])] if kept[0].get("split") else [])
+        return [("data_path", kept[0]["path"])] + (
+            [("train_split", kept[0]["split"])] if kept[0].get("split") else []
+        )
     return [("sources", kept), ("data_path", ",".join(str(e["path"]) for e in kept))]
 
 
@@ -267,7 +284,11 @@ def _target_modules(value: Any, key: str) -> Pairs:
     if not names:
         return []
     joined = "all-linear" if names in (["all"], ["all-linear"]) else ",".join(map(str, names))
-    return [(IF_UNSET + "target_modules", joined)] if key == "lora_target_modules" else [("target_modules", joined)]
+    return (
+        [(IF_UNSET + "target_modules", joined)]
+        if key == "lora_target_modules"
+        else [("target_modules", joined)]
+    )
 
 
 def _column_mapping(value: Any, key: str) -> Pairs:
@@ -334,7 +355,9 @@ def _model_max_length(value: Any, key: str) -> Pairs:
 def _truncation_mode(value: Any, key: str) -> Pairs:
     """TRL `truncation_mode`: `keep_end` (long prompts keep their last tokens) is what orpo_dist does."""
     if str(value).lower() != "keep_end":
-        raise ConfigError(f"{key}={value!r} cannot be honoured: long prompts keep their last tokens (keep_end)")
+        raise ConfigError(
+            f"{key}={value!r} cannot be honoured: long prompts keep their last tokens (keep_end)"
+        )
     return []
 
 
@@ -392,9 +415,9 @@ def combined(seen: dict[str, Any]) -> tuple[Pairs, list[str]]:
     if user and "hub_model_id" not in seen and "output_dir" in seen:
         user = os.path.expandvars(str(user))
         if "$" in user:
-            problems.append(f"username={seen['username']!r}: set that variable, or hub_model_id: <owner>/<name>")
+            problems.append(
+                f"username={seen['username']!r}: set that variable, or hub_model_id: <owner>/<name>"
+            )
         else:
             pairs.append(("hub_model_id", f"{user}/{Path(str(seen['output_dir'])).name}"))
     return pairs, problems
-
-

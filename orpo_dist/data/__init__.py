@@ -31,9 +31,9 @@ import datasets
 import numpy as np
 
 from orpo_dist.config import DataConfig
+from orpo_dist.data.mix import load_mixture, specs, standard_columns
 from orpo_dist.data.parallel import AllRows, resolve_num_proc, tokenise_source
 from orpo_dist.data.report import EMPTY_AFTER_TRUNCATION, DataError, DataReport
-from orpo_dist.data.mix import load_mixture, specs, standard_columns
 from orpo_dist.data.rows import duplicate_of
 from orpo_dist.data.sources import load_source, looks_like_hub
 from orpo_dist.data.tokens import truncate_pair

@@ -40,9 +40,9 @@ from datasets.utils import are_progress_bars_disabled, disable_progress_bars, en
 from orpo_dist.builtin import BUILTIN_PREFIX
 from orpo_dist.config import Config, DataConfig
 from orpo_dist.data import build_datasets, eval_source_args
+from orpo_dist.data.mix import specs
 from orpo_dist.data.parallel import AUTO_MIN_PAIRS, resolve_num_proc
 from orpo_dist.data.report import DataError, DataReport
-from orpo_dist.data.mix import specs
 from orpo_dist.data.sources import load_source
 from orpo_dist.distributed import agreed_start
 

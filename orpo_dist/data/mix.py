@@ -73,7 +73,9 @@ def load_mixture(sources: list[Spec], seed: int, dataset_config: str | None) -> 
     """(the concatenated source, one `name (N pairs)` per source)."""
     rows, origins, counts = [], [], []
     for spec in sources:
-        source = load_source(spec.path, spec.split, seed, spec.columns.max_samples, spec.name or dataset_config)
+        source = load_source(
+            spec.path, spec.split, seed, spec.columns.max_samples, spec.name or dataset_config
+        )
         mapping = column_map(spec.columns, source)
         for i, row in enumerate(source.rows):
             rows.append(row if isinstance(row, str) else {std: row.get(col) for std, col in mapping.items()})
@@ -84,4 +86,6 @@ def load_mixture(sources: list[Spec], seed: int, dataset_config: str | None) -> 
 
 def standard_columns(cfg: DataConfig) -> DataConfig:
     """The config the mixed rows are read with: they already carry the standard column names."""
-    return dataclasses.replace(cfg, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected")
+    return dataclasses.replace(
+        cfg, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected"
+    )
