@@ -91,13 +91,24 @@ def write_data(data: Any, out: Path, split: str = "train") -> Path:
     return path
 
 
+def write_adapter(model: Any, out: Path) -> tuple[str, Path]:
+    """A PeftModel: (its base model's name or path, its adapter saved by content under out/)."""
+    config = model.peft_config["default"]
+    base = config.base_model_name_or_path
+    if not base:
+        raise ConfigError("model: this PeftModel does not name its base model; pass the base with peft_config=...")
+    digest = hashlib.sha256(base.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name or "modules_to_save" in name:
+            digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    path = out / f"in-memory-PeftModel-{digest.hexdigest()[:16]}"
+    _write_once(path, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+    log.info(f"model: in-memory PeftModel on {base}, adapter fingerprint {path.name.rsplit('-', 1)[1]} -> {path}")
+    return base, path
+
+
 def write_model(model: Any, out: Path, tokenizer: Any = None) -> Path:
-    """A PreTrainedModel (and its tokenizer) saved by content; a PeftModel is refused with the way to pass it."""
-    if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
-        raise ConfigError(
-            "model: a PeftModel cannot be trained on from here; pass its base model with peft_config=LoraConfig(...) "
-            "(or model.merge_and_unload() first)"
-        )
+    """A PreTrainedModel (and its tokenizer) saved by content (a PeftModel: see write_adapter)."""
     if not hasattr(model, "save_pretrained"):
         raise ConfigError(
             f"model: a {type(model).__name__} is not a transformers PreTrainedModel, hub id or path"
@@ -133,7 +144,10 @@ def bind(cfg, objects: dict[str, Any], tokenizer: Any = None) -> None:
     """Write the objects under <output_dir>/inputs/ and point the config at them."""
     out = Path(cfg.train.output_dir) / "inputs"
     for key, value in objects.items():
-        if key == "model":
+        if key == "model" and hasattr(value, "peft_config") and hasattr(value, "get_base_model"):
+            base, adapter = write_adapter(value, out)
+            cfg.model.model, cfg.peft.adapter_path, cfg.peft.use_peft = base, str(adapter), True
+        elif key == "model":
             cfg.model.model = str(write_model(value, out, tokenizer))
         elif key == "data_path":
             cfg.data.data_path = str(write_data(value, out, cfg.data.train_split))

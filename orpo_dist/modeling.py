@@ -188,7 +188,11 @@ def load_model(
         )
     elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg))
-    if cfg.peft.use_peft:
+    if cfg.peft.adapter_path:  # a saved adapter, trained further (or evaluated)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.peft.adapter_path, is_trainable=True)
+    elif cfg.peft.use_peft:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(**_lora_kwargs(cfg), task_type="CAUSAL_LM"))

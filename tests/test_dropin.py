@@ -107,12 +107,25 @@ def test_objects_that_cannot_be_read_are_refused_with_the_fix(tmp_path):
 
     with pytest.raises(ConfigError, match="a set cannot be read; pass a path, a datasets.Dataset"):
         rows_of({1, 2})
+    with pytest.raises(ConfigError, match="a dict is not a transformers PreTrainedModel"):
+        write_model({}, tmp_path)
 
-    class PeftModel:
-        peft_config = {}
 
-    with pytest.raises(ConfigError, match="PeftModel.*peft_config=LoraConfig"):
-        write_model(PeftModel(), tmp_path)
+@pytest.mark.slow
+def test_a_peft_model_object_trains_its_adapter_further(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    out = tmp_path / "run"
+    result = orpo_dist.train({"model": model, "data_path": _pairs() * 4}, output_dir=str(out), max_steps=1,
+                             max_length=96, max_prompt_length=48, eval_on_start=False)  # fmt: skip
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["model"] == str(tiny_model_dir) and saved["peft"]["use_peft"] is True
+    assert "in-memory-PeftModel-" in saved["peft"]["adapter_path"]
+    trained = yaml.safe_load((result.final_dir / "adapter_config.json").read_text())
+    assert trained["r"] == 4 and sorted(trained["target_modules"]) == ["q_proj", "v_proj"]
 
 
 def test_orpo_config_takes_trl_names_and_defaults():

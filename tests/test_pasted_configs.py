@@ -143,7 +143,6 @@ test_pasted_configs_train = pytest.mark.slow(test_pasted_configs_train)
     [
         ("deepspeed", "ds_config.json", "accelerate launch --config_file configs/accelerate/zero3.yaml"),
         ("fsdp", ["full_shard"], "configs/accelerate/fsdp2.yaml"),
-        ("lora_model_dir", "adapter/", "merge it into the model first"),
         ("early_stopping_patience", 3, "no early stopping"),
         ("tokens", ["<tool>"], "grow the embeddings"),
         ("report_to", ["wandb", "tensorboard"], "logs to one tracker"),

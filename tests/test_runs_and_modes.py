@@ -35,6 +35,21 @@ def test_eval_only_and_max_steps_zero_evaluate_without_training(tmp_path, tiny_m
 
 
 @pytest.mark.slow
+def test_eval_only_of_a_lora_adapter_and_of_a_checkpoint(tmp_path, tiny_model_dir):
+    out = tmp_path / "lora"
+    orpo_dist.train(tiny_run(out, model=str(tiny_model_dir), peft=True, max_steps=2, save_steps=1, eval_split=0.2))
+    trained = read_jsonl(out / "metrics.jsonl")[-1]["eval_loss"]
+    # the adapter directory as the model: its base comes from adapter_config.json
+    result = orpo_dist.train(tiny_run(tmp_path / "adapter", model=str(out / "final"), eval_only=True, eval_split=0.2))
+    assert result.metrics[0]["eval_loss"] == pytest.approx(trained, rel=1e-5)
+    assert load_config(None, {"lora_model_dir": str(out / "final")}).peft.adapter_path == str(out / "final")
+    # a checkpoint: resume it and evaluate
+    at_1 = orpo_dist.train(tiny_run(out, model=str(tiny_model_dir), peft=True, eval_only=True, eval_split=0.2,
+                                    resume=str(out / "checkpoint-1")))  # fmt: skip
+    assert at_1.global_step == 1 and at_1.metrics[-1]["step"] == 1 and "eval_loss" in at_1.metrics[-1]
+
+
+@pytest.mark.slow
 def test_a_run_into_a_finished_output_dir_is_refused_unless_overwrite(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     run = tiny_run(out, model=str(tiny_model_dir), max_steps=2, save_steps=None)

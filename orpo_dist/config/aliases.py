@@ -57,6 +57,7 @@ ALIASES: dict[str, str] = {
     "dataset_num_proc": "num_proc",
     "lora_modules_to_save": "modules_to_save",
     "eval_dataset": "eval_data_path",
+    "lora_model_dir": "adapter_path",  # Axolotl
     # Axolotl
     "dataset_prepared_path": "cache_dir",
     "dataset_processes": "num_proc",
@@ -161,7 +162,6 @@ REFUSED = {
     "fsdp": "FSDP comes from the launch: accelerate launch --config_file configs/accelerate/fsdp2.yaml -m orpo_dist.train ...",
     "fsdp_config": "FSDP comes from the launch: accelerate launch --config_file configs/accelerate/fsdp2.yaml ...",
     "distributed_backend": "the strategy comes from the launch (accelerate launch --config_file configs/accelerate/X.yaml)",
-    "lora_model_dir": "training on from an existing adapter is not supported; merge it into the model first",
     "early_stopping_patience": "there is no early stopping; set max_steps or epochs",
     "load_best_model_at_end": "final/ is the last step's model; pick a checkpoint by its eval metrics instead",
     "auto_find_batch_size": "the batch size is fixed (set batch_size); an OOM names the fix",

@@ -188,6 +188,17 @@ def _accepts_none(hint: Any) -> bool:
     return type(None) in typing.get_args(hint)
 
 
+def _adapter_as_model(cfg: Config) -> None:
+    """`model: <a LoRA adapter directory>` (a LoRA run's final/): its base is the model, it is the adapter."""
+    config = Path(cfg.model.model).expanduser() / "adapter_config.json"
+    if config.is_file() and not (config.parent / "config.json").is_file():
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        if base:
+            cfg.model.model, cfg.peft.adapter_path = str(base), str(config.parent)
+    if cfg.peft.adapter_path:
+        cfg.peft.use_peft = True
+
+
 def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
     """YAML may be flat or nested by section; a section name holding a scalar is that leaf (`model: x`).
     AutoTrain's `params:` / `hub:` sections are read the same way."""
@@ -299,6 +310,7 @@ def load_config(
         if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
             log.warning("ignored (they change nothing here): " +
                         "; ".join(f"{k} ({why})" for k, why in r.ignored.items()))  # fmt: skip
+    _adapter_as_model(cfg)
     if cfg.train.max_steps == 0:  # never "a whole epoch": zero steps of training is an evaluation
         cfg.train.eval_only = True
     if cfg.train.eval_strategy == "steps" and not cfg.train.eval_steps:

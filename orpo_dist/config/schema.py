@@ -145,6 +145,9 @@ class PeftConfig:
     """DoRA: train a magnitude vector beside the LoRA direction."""
     modules_to_save: str | None = None
     """Comma-separated modules trained in full beside the adapters (e.g. `lm_head,embed_tokens`)."""
+    adapter_path: str | None = None
+    """A saved LoRA adapter loaded onto `model` and trained further, or evaluated (`model: <adapter dir>`
+    sets both, from its adapter_config.json; Axolotl `lora_model_dir`)."""
 
 
 @dataclass
