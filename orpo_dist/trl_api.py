@@ -10,6 +10,7 @@ it is given (model, datasets, tokenizer) under `<output_dir>/inputs/` (orpo_dist
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from orpo_dist.config import Config, ConfigError, load_config
@@ -159,7 +160,8 @@ class ORPOTrainer:
         rows = [r for r in result.metrics if "loss" in r]
         metrics = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (int, float))}
         loss = sum(r["loss"] for r in rows) / len(rows) if rows else float("nan")
-        self.state = result
+        # what scripts read of TRL's trainer.state: the step and the logged rows
+        self.state = SimpleNamespace(global_step=result.global_step, log_history=list(result.metrics))
         return TrainOutput(result.global_step, loss, metrics)
 
     def evaluate(self, eval_dataset: Any = None) -> dict[str, float]:
@@ -167,6 +169,16 @@ class ORPOTrainer:
         if eval_dataset is not None:
             raise ConfigError("evaluate(eval_dataset=...): pass eval_dataset to ORPOTrainer(...) instead")
         return self._built().evaluate()
+
+    def push_to_hub(self, **_card: Any) -> str:
+        """Upload the final model to `hub_model_id` (TRL's model-card arguments are not used)."""
+        from orpo_dist.hub import push
+
+        if not self.cfg.export.hub_model_id:
+            raise ConfigError("push_to_hub() needs hub_model_id=<owner>/<name> in ORPOConfig")
+        if getattr(self, "result", None) is None or self.result.final_dir is None:
+            raise ConfigError("push_to_hub(): train() first (it uploads the final model)")
+        return push(self.cfg, self.result.final_dir, {})
 
     def save_model(self, output_dir: str | None = None) -> None:
         """The model (or its adapter) and tokenizer into output_dir (args.output_dir by default)."""
