@@ -177,7 +177,6 @@ REFUSED = {
     "do_predict": "orpo_dist has no prediction step",
     "packing": "SFT packing joins unrelated rows into one sequence; for pairs use layout: packed (no pad tokens)",
 }
-EMPTY = (None, "", "none", "null", False, "false", [], {})
 
 
 def as_bool(value: Any, key: str) -> bool:

@@ -21,7 +21,6 @@ import yaml
 
 from orpo_dist.config.aliases import (
     ALIASES,
-    EMPTY,
     FALSE,
     FOREIGN_SECTIONS,
     IF_UNSET,
@@ -140,8 +139,10 @@ class _Reading:
     set_leaves: set[str] = field(default_factory=set)
 
 
-def _is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
+def _is_off(value: Any) -> bool:
+    """Empty, false, none, [] or {}: a refused key that asks for nothing (Axolotl's `deepspeed:`)."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    return value in (None, False, [], {}) or text in ("", "none", "null", *FALSE)
 
 
 def _set(r: _Reading, key: str, value: Any) -> None:
@@ -150,13 +151,14 @@ def _set(r: _Reading, key: str, value: Any) -> None:
         r.ignored[leaf] = IGNORED[leaf]
         return
     if leaf in REFUSED:
-        if value in EMPTY or _is_empty(value) or (isinstance(value, str) and value.lower() in FALSE):
+        if _is_off(value):
             r.ignored[leaf] = "off"
             return
         raise ConfigError(f"{key}={value!r} cannot be honoured: {REFUSED[leaf]}")
     known = leaf in LEAVES or leaf in OTHER_KEYS or leaf in SWITCHES
-    if known and (value is None or value == "") and leaf != "resume" and not (leaf in HINTS and _accepts_none(HINTS[leaf])):
-        r.ignored[leaf] = "empty: the default stays"  # Axolotl `fp16:`
+    takes_none = leaf == "resume" or (leaf in HINTS and _accepts_none(HINTS[leaf]))
+    if known and value in (None, "") and not takes_none:  # Axolotl `fp16:`: an empty key
+        r.ignored[leaf] = "empty: the default stays"
         return
     if leaf in OTHER_KEYS:
         for target, chosen in OTHER_KEYS[leaf][0](value, leaf):
