@@ -88,3 +88,27 @@ def test_a_bad_row_names_its_own_file_and_line(files, tmp_path):
 def test_unknown_entry_keys_are_refused_naming_the_accepted_ones():
     with pytest.raises(ConfigError, match=r"datasets\[1\].*an entry takes path.*not data_files"):
         load_config(None, {"datasets": [{"path": "a.jsonl"}, {"path": "org/x", "data_files": ["a.json"]}]})
+
+
+def test_dataset_config_reaches_load_dataset_per_source(monkeypatch):
+    import datasets
+
+    from orpo_dist.builtin import case_rule_pairs
+
+    calls = []
+
+    def fake_load_dataset(path, split=None, name=None):  # stands in for the hub: nothing is downloaded
+        calls.append((path, split, name))
+        return datasets.Dataset.from_list(case_rule_pairs(4, seed=1))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    _build({"dataset_name": "org/prefs", "dataset_config": "en", "dataset_train_split": "train_prefs"})
+    assert calls == [("org/prefs", "train_prefs", "en")]
+    calls.clear()
+    _build(
+        {
+            "datasets": [{"path": "org/a", "name": "fr"}, {"path": "org/b", "split": "test"}],
+            "dataset_config": "en",
+        }
+    )
+    assert calls == [("org/a", "train", "fr"), ("org/b", "test", "en")]

@@ -88,7 +88,7 @@ def load_source(path: str, split: str, seed: int, max_samples: int | None, name:
     if not looks_like_hub(path):
         raise DataError(f"{path}: no such file or directory. Accepted: {ACCEPTED}.")
     try:
-        ds = datasets.load_dataset(path, name, split=split)
+        ds = datasets.load_dataset(path, split=split, **({"name": name} if name else {}))
     except Exception as e:  # hub errors come in many classes; the message is what helps
         raise DataError(
             f"{path}: not a local file or directory, and loading it as a hub dataset (split {split!r}) "
