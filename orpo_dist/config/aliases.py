@@ -146,13 +146,12 @@ IGNORED = {
     "add_eos_token": "completions always end with the eos token",
     "hf_use_auth_token": "the Hub token comes from HF_TOKEN / `hf auth login`",
     "model_ref": "ORPO has no reference model",
-    "dataloader_pin_memory": "batches are pinned on CUDA",
+    "dataloader_pin_memory": "a loading-speed setting; orpo_dist's loader decides",
     "disable_tqdm": "the progress bar is off when stderr is not a terminal",
     "use_cpu": "the device comes from the launch (CPU when no GPU is visible: CUDA_VISIBLE_DEVICES=)",
     "label_pad_token_id": "padding is masked out of the loss",
     "padding_value": "padding is masked out of the loss",
-    "dataloader_drop_last": "a ragged last step is weighted by its real pairs",
-    "overwrite_cache_dir": "see overwrite_cache",
+    "ddp_find_unused_parameters": "DDP is built by the launch; every trainable parameter gets a gradient",
 }
 # Other tools' keys that would change training in a way orpo_dist cannot honour: refused when set
 # (an empty value, `false` or `none` is accepted as "off" and warned about like IGNORED).
@@ -167,9 +166,8 @@ REFUSED = {
     "auto_find_batch_size": "the batch size is fixed (set batch_size); an OOM names the fix",
     "tokens": "adding tokens would grow the embeddings; add them to the tokenizer first",
     "neftune_noise_alpha": "NEFTune noise is not implemented",
-    "use_unsloth_gc": "gradient checkpointing follows gradient_checkpointing",
     "wandb_entity": "the wandb entity comes from $WANDB_ENTITY; set it there",
-    "ddp_find_unused_parameters": "set by the launch",
+    "dataloader_drop_last": "the ragged last step of an epoch is kept, weighted by its real pairs",
     "torch_compile": "torch.compile is not used",
     "generate_during_eval": "generation during evaluation is not implemented",
     "is_encoder_decoder": "orpo_dist trains decoder-only causal LMs",
