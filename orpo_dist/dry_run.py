@@ -31,7 +31,7 @@ def dry_run(cfg: Config, say=print) -> dict:
     """Check and describe the run; returns the figures it printed (for tests)."""
     from orpo_dist.data import build_datasets
     from orpo_dist.modeling import load_tokenizer, resolve_model_path
-    from orpo_dist.preflight import _meta_model, check_model, check_run
+    from orpo_dist.preflight import _meta_model, check_model, check_run, check_special_tokens
     from orpo_dist.templates import example_lines
 
     say("dry run: resolved config\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
@@ -39,6 +39,7 @@ def dry_run(cfg: Config, say=print) -> dict:
     path = resolve_model_path(cfg)
     check_model(cfg, path, 1, False)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code, cfg.data.chat_template, say)
+    check_special_tokens(cfg, tokenizer)
     train, _, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     for line in report.lines() + example_lines(train, tokenizer, cfg.data.chat_template, report.format):
         say(line)

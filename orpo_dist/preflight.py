@@ -82,6 +82,17 @@ def launcher_processes(pid: int) -> int:
     return 1
 
 
+def check_special_tokens(cfg: Config, tokenizer) -> None:
+    """Axolotl `special_tokens`: each must already be a token of the tokenizer (nothing to add, nothing to train)."""
+    vocab = tokenizer.get_vocab()
+    missing = [f"{name}={token!r}" for name, token in (cfg.model.special_tokens or {}).items() if token not in vocab]
+    if missing:
+        raise ConfigError(
+            f"special_tokens: {', '.join(missing)} not tokens of {cfg.model.model}'s tokenizer: adding them would grow "
+            "the embeddings, which orpo_dist does not train; use tokens the tokenizer has (or add them to it first)"
+        )
+
+
 def check_output_dir(out: Path) -> None:
     """output_dir exists (created here) and is writable: not a file, not under a file, not read-only."""
     existing = next(p for p in (out, *out.parents) if p.exists())

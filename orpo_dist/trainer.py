@@ -42,7 +42,7 @@ from orpo_dist.loss import OrpoParts, batch_counts
 from orpo_dist.metrics import MetricsLog, MetricWindow, step_sums
 from orpo_dist.modeling import describe_model, load_model, load_tokenizer, output_head, resolve_model_path
 from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
-from orpo_dist.preflight import check_model, check_run
+from orpo_dist.preflight import check_model, check_run, check_special_tokens
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
 from orpo_dist.templates import example_lines
 from orpo_dist.throughput import flops_model
@@ -125,6 +125,7 @@ class Trainer:
             )
         except (OSError, ValueError) as e:
             raise ConfigError(f"model={cfg.model.model}: cannot load its tokenizer ({e})") from None
+        check_special_tokens(cfg, tokenizer)
         return model_path, tokenizer
 
     def say(self, msg: str) -> None:

@@ -46,8 +46,23 @@ def test_axolotl_orpo_example_loads_as_pasted(caplog):
     )  # fmt: skip
     assert (t.warmup_steps, t.evals_per_epoch, t.saves_per_epoch, t.logging_steps) == (10, 4, 1, 1)
     (line,) = _warnings(caplog)  # one line, naming each ignored key and why
-    for key in ("remove_unused_columns", "strict", "special_tokens", "fp16 (empty", "deepspeed (off)"):
+    for key in ("remove_unused_columns", "strict", "fp16 (empty", "deepspeed (off)"):
         assert key in line, key
+    assert m.special_tokens == {"pad_token": "</s>"}  # checked against the tokenizer at start
+
+
+def test_special_tokens_must_already_be_tokens_of_the_tokenizer():
+    from orpo_dist.builtin import build_tokenizer
+    from orpo_dist.preflight import check_special_tokens
+
+    tokenizer = build_tokenizer()
+    check_special_tokens(
+        load_config(None, {"special_tokens": {"pad_token": "</s>", "eos_token": "</s>"}}), tokenizer
+    )
+    with pytest.raises(
+        ConfigError, match=r"special_tokens: pad_token='<\|pad\|>' not tokens of .*grow the embeddings"
+    ):
+        check_special_tokens(load_config(None, {"special_tokens": {"pad_token": "<|pad|>"}}), tokenizer)
 
 
 def test_llamafactory_orpo_recipe_loads_as_pasted(caplog):

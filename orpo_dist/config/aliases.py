@@ -121,7 +121,6 @@ VALUE_ALIASES = {
 IGNORED = {
     "remove_unused_columns": "rows are read by their column names; other columns are never passed on",
     "strict": "Axolotl's loader strictness; orpo_dist checks every key",
-    "special_tokens": "the tokenizer's own bos/eos/pad are used; padding is masked out of the loss",
     "model_type": "the model class comes from the model's config.json",
     "tokenizer_type": "the tokenizer class comes from the model's tokenizer_config.json",
     "is_llama_derived_model": "the model class comes from the model's config.json",

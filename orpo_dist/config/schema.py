@@ -62,6 +62,9 @@ class ModelConfig:
     """Arguments of `gradient_checkpointing_enable` (None: `{use_reentrant: false}`)."""
     tf32: bool | None = None
     """Allow TF32 matmuls on Ampere+ GPUs (None: torch's default)."""
+    special_tokens: dict[str, str] | None = None
+    """Axolotl's `special_tokens` ({pad_token: ..., eos_token: ...}): accepted when each is already a token of
+    the tokenizer (pad is masked out of the loss); a new token would grow the embeddings and is refused."""
 
 
 @dataclass
