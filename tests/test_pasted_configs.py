@@ -297,3 +297,32 @@ def test_disable_dropout_defaults_as_trl_and_zeroes_lora_dropout_too(tiny_model_
 
 
 assert Path(PASTED).is_dir()
+
+
+def test_llamafactory_dataset_names_resolve_through_dataset_info(tmp_path):
+    import json
+
+    from helpers import pairs_jsonl
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in pairs_jsonl(tmp_path / "p.jsonl", n=6).read_text().splitlines()]
+    (data / "prefs.json").write_text(json.dumps([{"instruction": r["prompt"], "chosen": r["chosen"],
+                                                  "rejected": r["rejected"]} for r in rows]))  # fmt: skip
+    info = {"my_prefs": {"file_name": "prefs.json", "ranking": True,
+                         "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
+            "demo": {"file_name": "dpo_en_demo.json", "ranking": True, "formatting": "sharegpt",
+                     "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}}  # fmt: skip
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    cfg = load_config(
+        None, {"stage": "dpo", "pref_loss": "orpo", "dataset": "my_prefs", "dataset_dir": str(data)}
+    )
+    assert cfg.data.sources == [{"path": str(data / "prefs.json"), "prompt_column": "instruction",
+                                 "chosen_column": "chosen", "rejected_column": "rejected"}]  # fmt: skip
+    from orpo_dist.builtin import build_tokenizer
+    from orpo_dist.data import build_datasets
+
+    train, _, report = build_datasets(cfg.data, build_tokenizer(), seed=0)
+    assert report.read == 6 and len(train) + report.used_eval == 6
+    with pytest.raises(ConfigError, match="dataset=demo: .* sharegpt.*prompt / chosen / rejected"):
+        load_config(None, {"stage": "dpo", "pref_loss": "orpo", "dataset": "demo", "dataset_dir": str(data)})

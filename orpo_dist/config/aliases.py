@@ -364,6 +364,49 @@ def _do_train(value: Any, key: str) -> Pairs:
     return []
 
 
+def _llamafactory_datasets(seen: dict[str, Any]) -> tuple[Pairs, list[str]]:
+    """LLaMA-Factory `dataset: name1,name2` resolved through `<dataset_dir>/dataset_info.json` (default `data`):
+    a ranking dataset in alpaca format becomes a source with its file and columns."""
+    directory = Path(str(seen.get("dataset_dir") or "data"))
+    info_file = directory / "dataset_info.json"
+    names = [n.strip() for n in str(seen.get("data_path") or "").split(",") if n.strip()]
+    if not names or not info_file.is_file() or "sources" in seen:
+        return [], []
+    import json
+
+    info = json.loads(info_file.read_text())
+    if not any(n in info for n in names):
+        return [], []
+    sources, problems = [], []
+    for name in names:
+        entry = info.get(name)
+        if entry is None:
+            sources.append({"path": name})  # a path or hub dataset beside the named ones
+            continue
+        columns = entry.get("columns", {})
+        if not entry.get("ranking") or entry.get("formatting", "alpaca") != "alpaca" or "query" in columns:
+            problems.append(
+                f"dataset={name}: {info_file} describes it as {entry.get('formatting', 'alpaca')}"
+                f"{'' if entry.get('ranking') else ', not ranking'}{' with a query column' if 'query' in columns else ''};"
+                " orpo_dist reads preference pairs with prompt / chosen / rejected columns (text or role/content"
+                " messages): point data_path at such a file"
+            )
+            continue
+        path = entry.get("file_name") or entry.get("hf_hub_url")
+        sources.append({"path": str(directory / path) if entry.get("file_name") else path,
+                        "prompt_column": columns.get("prompt", "instruction"),
+                        "chosen_column": columns.get("chosen", "chosen"),
+                        "rejected_column": columns.get("rejected", "rejected")})  # fmt: skip
+    if problems or not sources:
+        return [], problems
+    return [("sources", sources), ("data_path", ",".join(str(s["path"]) for s in sources))], problems
+
+
+def _dataset_dir(value: Any, key: str) -> Pairs:
+    """LLaMA-Factory `dataset_dir`: where `dataset: name` is looked up in dataset_info.json (default `data`)."""
+    return []
+
+
 def _username(value: Any, key: str) -> Pairs:
     """AutoTrain YAML `hub.username`: with project_name, the Hub repository <username>/<project_name>."""
     return []
@@ -395,6 +438,7 @@ OTHER_KEYS: dict[str, tuple[Callable[[Any, str], Pairs], bool]] = {
     "model_max_length": (_model_max_length, False),
     "do_train": (_do_train, True),
     "username": (_username, False),
+    "dataset_dir": (_dataset_dir, False),
     "truncation_mode": (_truncation_mode, False),
 }
 # AutoTrain's `--config` YAML nests keys under these (beside `data:`, which is our section's name too).
@@ -407,6 +451,9 @@ def combined(seen: dict[str, Any]) -> tuple[Pairs, list[str]]:
     pairs, problems = [], []
     if str(seen.get("stage", "")).lower() == "dpo" and "pref_loss" not in seen:
         problems.append("stage=dpo without pref_loss trains DPO in LLaMA-Factory; add pref_loss: orpo")
+    lf_pairs, lf_problems = _llamafactory_datasets(seen)
+    pairs += lf_pairs
+    problems += lf_problems
     user = seen.get("username")
     if user and "hub_model_id" not in seen and "output_dir" in seen:
         user = os.path.expandvars(str(user))
