@@ -22,13 +22,18 @@ def how_it_runs(accelerator: Accelerator, cfg: Config) -> str:
     if kind == "DEEPSPEED" and getattr(state, "deepspeed_plugin", None):
         strategy = f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
     elif kind == "FSDP" and getattr(state, "fsdp_plugin", None):
-        plugin = state.fsdp_plugin
-        sharding = getattr(plugin, "reshard_after_forward", None)
-        sharding = getattr(sharding, "name", sharding)
-        strategy = f"FSDP{getattr(plugin, 'fsdp_version', '')} (sharding {sharding})"
+        plugin, version = state.fsdp_plugin, getattr(state.fsdp_plugin, "fsdp_version", 1)
+        if (
+            version == 2
+        ):  # FSDP2: resharding after forward is FULL_SHARD, keeping the gathered weights SHARD_GRAD_OP
+            sharding = "FULL_SHARD" if getattr(plugin, "reshard_after_forward", True) else "SHARD_GRAD_OP"
+        else:
+            sharding = getattr(plugin.sharding_strategy, "name", plugin.sharding_strategy)
+        strategy = f"FSDP{version} ({sharding})"
     precision = accelerator.mixed_precision
     return (
-        f"precision {precision if precision != 'no' else 'float32 (no mixed precision)'}; strategy {strategy} "
+        f"precision {precision if precision != 'no' else 'the weights dtype (no mixed precision)'}; "
+        f"strategy {strategy} "
         f"over {accelerator.num_processes} process(es); sequence parallel size {cfg.train.sequence_parallel_size}"
     )
 

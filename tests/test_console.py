@@ -29,10 +29,28 @@ def test_a_run_prints_its_setup_each_logged_step_and_its_throughput(tmp_path, ti
                              log="tensorboard"))  # fmt: skip
     captured = capsys.readouterr()
     out = captured.out
-    assert "precision float32 (no mixed precision); strategy none (one process) over 1 process(es); " \
+    assert "precision the weights dtype (no mixed precision); strategy none (one process) over 1 process(es); " \
            "sequence parallel size 1" in out  # fmt: skip
     steps = re.findall(r"^\[orpo_dist\] step (\d+): loss [\d.]+ \|", out, flags=re.M)
     assert steps == ["2", "4"]
     assert re.search(r"train_runtime [\d.]+ s \| train_samples_per_second [\d.]+ \| .* tokens/s \d+", out)
     assert "tokens_s=" in captured.err  # the bar (stderr) shows tokens/s
     assert "tensorboard: events in" in out and "wandb" not in (out + captured.err).lower()  # only its tracker
+
+
+def test_how_it_runs_names_the_zero_stage_fsdp_sharding_and_sp_size():
+    from types import SimpleNamespace as NS
+
+    from orpo_dist.config import load_config
+    from orpo_dist.console import how_it_runs
+
+    def accelerator(kind, state, precision="bf16", n=8):
+        return NS(state=state, distributed_type=NS(value=kind), mixed_precision=precision, num_processes=n)
+
+    cfg = load_config(None, {"sequence_parallel_size": 2})
+    zero3 = how_it_runs(accelerator("DEEPSPEED", NS(deepspeed_plugin=NS(zero_stage=3))), cfg)
+    assert zero3 == "precision bf16; strategy DeepSpeed ZeRO-3 over 8 process(es); sequence parallel size 2"
+    fsdp = how_it_runs(
+        accelerator("FSDP", NS(fsdp_plugin=NS(fsdp_version=2, reshard_after_forward=True))), cfg
+    )
+    assert "strategy FSDP2 (FULL_SHARD) over 8" in fsdp
