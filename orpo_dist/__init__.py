@@ -10,14 +10,26 @@ from __future__ import annotations
 
 from orpo_dist.config import Config, ConfigError, load_config, validate
 
-__all__ = ["Config", "ConfigError", "load_config", "train"]
+__all__ = ["Config", "ConfigError", "ORPOConfig", "ORPOTrainer", "load_config", "train"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`from orpo_dist import ORPOConfig, ORPOTrainer`: TRL's names on orpo_dist's loop (orpo_dist.trl_api),
+    imported on first use so `import orpo_dist` stays light."""
+    if name in ("ORPOConfig", "ORPOTrainer"):
+        from orpo_dist import trl_api
+
+        return getattr(trl_api, name)
+    raise AttributeError(f"module 'orpo_dist' has no attribute {name!r}")
 
 
 def train(config: Config | dict | str | None = None, **overrides):
     """Train from a Config, a dict of keys, or a YAML path, plus keyword overrides; returns a TrainResult
     (output_dir, global_step, final_dir, the logged metric rows). The config is validated before
-    anything is loaded."""
+    anything is loaded. `data_path` / `eval_data_path` may be a datasets.Dataset / DatasetDict, a list of
+    dicts or a pandas DataFrame, and `model` a PreTrainedModel (written once under <output_dir>/inputs/)."""
+    from orpo_dist.inputs import bind, split_objects
     from orpo_dist.trainer import run
 
     if isinstance(config, Config):
@@ -26,5 +38,10 @@ def train(config: Config | dict | str | None = None, **overrides):
         validate(config)
         return run(config)
     if isinstance(config, dict):
-        return run(load_config(None, {**config, **overrides}))
-    return run(load_config(config, overrides))
+        plain, objects = split_objects({**config, **overrides})
+        cfg = load_config(None, plain)
+    else:
+        plain, objects = split_objects(overrides)
+        cfg = load_config(config, plain)
+    bind(cfg, objects)
+    return run(cfg)

@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable
 from importlib.resources import files
 
-from orpo_dist.config import Config, ConfigError, load_config
+from orpo_dist.config import Config, load_config, parse_overrides
+from orpo_dist.config.load import CONFIG
 from orpo_dist.console import one_line, setup_logging
 from orpo_dist.exits import debugging, fail, guarded
 from orpo_dist.preemption import record_early
@@ -78,19 +79,9 @@ def parse(argv: list[str]) -> tuple[Config, bool]:
     starts from the documented defaults (a `--model` / `--data-path` run never inherits the preset's
     lr, beta or max_length).
     """
-    config_path = None
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a path to a YAML file (or `quickstart`)")
-            config_path, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            config_path, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
+    items = parse_overrides(argv)
+    config_path = next((value for key, value in reversed(items) if key == CONFIG), None)
+    rest = [(key, value) for key, value in items if key != CONFIG]
     preset = not argv or config_path == QUICKSTART
     return load_config(quickstart_preset() if preset else config_path, rest), preset
 
@@ -143,6 +134,11 @@ def _train(argv: list[str], signalled: Callable[[], bool]) -> int:
     if preset and os.environ.get("RANK", "0") == "0":
         print(f"[orpo_dist] running the built-in quickstart ({quickstart_preset()})", flush=True)
     try:
+        if cfg.train.dry_run:
+            from orpo_dist.dry_run import dry_run
+
+            dry_run(cfg, say=lambda line: print(f"[orpo_dist] {line}", flush=True))
+            return 0
         return exit_code(run(cfg, signalled))
     except (NonFiniteError, CheckpointError, ExportError) as e:
         if debugging():

@@ -141,8 +141,8 @@ def quantization_config(cfg: Config, distributed_sharded: bool):
     )
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type=cfg.peft.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.peft.use_bnb_nested_quant,
         bnb_4bit_compute_dtype=compute,
         # ZeRO-3 / FSDP flatten parameters of one dtype: store the 4-bit data in the compute dtype
         bnb_4bit_quant_storage=compute if distributed_sharded else torch.uint8,
@@ -155,6 +155,8 @@ def load_model(
     """Build the trainable model. `sharded`: ZeRO-3 or FSDP will shard the parameters."""
     from transformers import AutoConfig
 
+    if cfg.model.tf32 is not None:  # transformers' `tf32`: TF32 matmuls and convolutions on Ampere+ GPUs
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
     backend, reason = choose_backend(cfg, num_processes, model_type)
     say(f"model backend: {backend} ({reason})")
@@ -182,15 +184,32 @@ def load_model(
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            gradient_checkpointing_kwargs=checkpointing_kwargs(cfg),
         )
     elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.peft.use_peft:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg))
+    if cfg.peft.adapter_path:  # a saved adapter, trained further (or evaluated)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.peft.adapter_path, is_trainable=True)
+    elif cfg.peft.use_peft:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(**_lora_kwargs(cfg), task_type="CAUSAL_LM"))
+    if cfg.model.disable_dropout:  # TRL's ORPOConfig default: after peft, so LoRA's dropout goes too
+        disable_dropout(model)
     return model
+
+
+def checkpointing_kwargs(cfg: Config) -> dict:
+    return cfg.model.gradient_checkpointing_kwargs or {"use_reentrant": False}
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every `nn.Dropout` to p=0, as TRL's `disable_dropout_in_model`."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -277,6 +296,9 @@ def _lora_kwargs(cfg: Config) -> dict:
         lora_alpha=cfg.peft.lora_alpha,
         lora_dropout=cfg.peft.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        use_rslora=cfg.peft.use_rslora,
+        use_dora=cfg.peft.use_dora,
+        modules_to_save=[m.strip() for m in cfg.peft.modules_to_save.split(",")] if cfg.peft.modules_to_save else None,
     )
 
 

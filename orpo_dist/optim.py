@@ -9,6 +9,7 @@ parameter, as before this key existed, so `adamw_torch` gives exactly the number
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 from transformers import get_scheduler
@@ -50,18 +51,30 @@ def build_optimizer(t: TrainConfig, model: torch.nn.Module, total_steps: int):
     module, cls, kwargs = OPTIMIZERS[t.optim]
     optimizer_cls = getattr(importlib.import_module(module), cls)
     optimizer = optimizer_cls(params, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
-    scheduler = get_scheduler(
-        t.scheduler,
-        optimizer,
-        num_warmup_steps=int(t.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    try:
+        scheduler = get_scheduler(
+            t.scheduler,
+            optimizer,
+            num_warmup_steps=warmup_steps(t, total_steps),
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs=t.lr_scheduler_kwargs or None,
+        )
+    except (TypeError, ValueError) as e:  # `min_lr` on a linear schedule, cosine_with_min_lr without one
+        raise ConfigError(f"scheduler={t.scheduler} lr_scheduler_kwargs={t.lr_scheduler_kwargs}: {e}") from None
     return optimizer, scheduler
+
+
+def warmup_steps(t: TrainConfig, total_steps: int) -> int:
+    """transformers 5: `warmup_steps` >= 1 is a count, below 1 a fraction of the steps (rounded up);
+    unset, `warmup_ratio` of the steps."""
+    if t.warmup_steps is not None:
+        return int(t.warmup_steps) if t.warmup_steps >= 1 else math.ceil(t.warmup_steps * total_steps)
+    return int(t.warmup_ratio * total_steps)
 
 
 def describe_optimizer(t: TrainConfig, optimizer, total_steps: int) -> str:
     cls = type(optimizer)
-    warmup = int(t.warmup_ratio * total_steps)
+    warmup = warmup_steps(t, total_steps)
     return (
         f"optimizer {t.optim} ({cls.__module__.split('.')[0]} {cls.__name__}, lr {t.lr:g}, weight_decay "
         f"{t.weight_decay:g}); scheduler {t.scheduler}, {warmup} warmup of {total_steps} steps"

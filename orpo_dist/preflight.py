@@ -26,6 +26,7 @@ LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 def check_run(cfg: Config, world_size: int, strategy: str) -> ResumePoint | None:
     """The checks that need no model: output_dir, resume, float16 weights, GGUF toolchain."""
+    check_cpu_launch(world_size)
     check_output_dir(Path(cfg.train.output_dir))
     point = find_resume_point(cfg)
     if point is not None:
@@ -56,6 +57,47 @@ def check_run(cfg: Config, world_size: int, strategy: str) -> ResumePoint | None
         except (ImportError, FileNotFoundError) as e:
             raise ConfigError(f"export: [gguf] cannot run after training: {e}") from None
     return point
+
+
+def check_cpu_launch(world_size: int) -> None:
+    """`accelerate launch --cpu --num_processes N` (N > 1) starts ONE process (accelerate's simple launcher) that
+    would train alone and exit 0: seen from the launcher's command line, our parent process."""
+    if world_size != 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true":
+        return
+    asked = launcher_processes(os.getppid())
+    if asked > 1:
+        raise ConfigError(
+            f"accelerate launch --cpu --num_processes {asked} starts one process, not {asked} (accelerate runs --cpu "
+            f"as a single process). On CPU launch DDP with: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            f"--num_processes {asked} -m orpo_dist.train ..."
+        )
+
+
+def launcher_processes(pid: int) -> int:
+    """`--num_processes` of an `accelerate launch` command line (/proc/<pid>/cmdline), else 1."""
+    try:
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return 1
+    if not any(Path(a).name in ("accelerate", "accelerate-launch", "accelerate.commands.launch") for a in args[:3]):
+        return 1
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in ("--num_processes", "--num-processes"):
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
+def check_special_tokens(cfg: Config, tokenizer) -> None:
+    """Axolotl `special_tokens`: each must already be a token of the tokenizer (nothing to add, nothing to train)."""
+    vocab = tokenizer.get_vocab()
+    missing = [f"{name}={token!r}" for name, token in (cfg.model.special_tokens or {}).items() if token not in vocab]
+    if missing:
+        raise ConfigError(
+            f"special_tokens: {', '.join(missing)} not tokens of {cfg.model.model}'s tokenizer: adding them would grow "
+            "the embeddings, which orpo_dist does not train; use tokens the tokenizer has (or add them to it first)"
+        )
 
 
 def check_output_dir(out: Path) -> None:

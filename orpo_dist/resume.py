@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from orpo_dist.config import Config, ConfigError
@@ -56,6 +56,7 @@ class Fingerprint:
     strategy: str = ""  # accelerate's distributed type
     model: str = ""
     adapter: str = ""  # "full" or the LoRA / quantization settings
+    model_sha256: str = ""  # a local model's config + weight files: a moved copy of the same weights resumes
 
 
 def run_fingerprint(cfg: Config, world_size: int, strategy: str) -> Fingerprint:
@@ -79,7 +80,22 @@ def run_fingerprint(cfg: Config, world_size: int, strategy: str) -> Fingerprint:
         if (local := Path(cfg.model.model).expanduser()).exists()
         else cfg.model.model,
         adapter=adapter,
+        model_sha256=model_sha256(local) if local.is_dir() else "",
     )
+
+
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.index.json")
+
+
+def model_sha256(directory: Path) -> str:
+    """sha256 over a model directory's config and weight files (names and contents), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in WEIGHT_FILES for p in directory.glob(pattern) if p.is_file()}):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def data_sha256(dataset) -> str:
@@ -106,6 +122,7 @@ class ResumePoint:
     path: Path
     state: dict
     fingerprint: Fingerprint
+    notes: list[str] = field(default_factory=list)  # what the resume accepted and the user should know
 
     @property
     def step(self) -> int:
@@ -135,12 +152,20 @@ def find_resume_point(cfg: Config) -> ResumePoint | None:
     resume, out = cfg.train.resume, Path(cfg.train.output_dir)
     found = complete_checkpoints(out) if out.is_dir() else []
     if not resume:
+        if cfg.train.overwrite_output_dir:
+            return None
         if found:
             names = [p.name for p in found]
             names = names if len(names) <= 3 else [names[0], "...", names[-1]]
             raise ConfigError(
                 f"output_dir {out} already holds checkpoints of an earlier run ({', '.join(names)}): "
-                "continue it with --resume auto, or start over in another output_dir (or delete them)"
+                "continue it with --resume auto, or start over in another output_dir (or delete them, or set "
+                "overwrite_output_dir: true)"
+            )
+        if finished_model(out):
+            raise ConfigError(
+                f"output_dir {out} already holds a finished model ({out / 'final'}) and its metrics.jsonl: a new "
+                "run would overwrite them. Choose another output_dir, or set overwrite_output_dir: true"
             )
         return None
     if resume in ("auto", "latest"):
@@ -166,6 +191,11 @@ def find_resume_point(cfg: Config) -> ResumePoint | None:
     fields_ = {f.name for f in fields(Fingerprint)}
     fingerprint = Fingerprint(**{k: v for k, v in state["fingerprint"].items() if k in fields_})
     return ResumePoint(path, state, fingerprint)
+
+
+def finished_model(out: Path) -> bool:
+    final = out / "final"
+    return any((final / name).is_file() for name in ("config.json", "adapter_config.json"))
 
 
 def read_state(path: Path) -> dict:
@@ -201,6 +231,10 @@ def check_settings(point: ResumePoint, now: Fingerprint) -> None:
     for name in ("global_batch", "seed", "group_by_length", "model", "adapter"):
         if getattr(saved, name) != getattr(now, name):
             problems.append(f"{name} {getattr(saved, name)} -> {getattr(now, name)}")
+    if saved.model != now.model and saved.model_sha256 and saved.model_sha256 == now.model_sha256:
+        problems.remove(f"model {saved.model} -> {now.model}")  # copied or moved: the same weights
+        point.notes.append(f"resume: the model moved ({saved.model} -> {now.model}) but its config and weight "
+                           f"files are the same (sha256 {now.model_sha256[:12]}); continuing")  # fmt: skip
     split = ("world_size", "per_device_batch", "gradient_accumulation")
     changed = [
         f"{n} {getattr(saved, n)} -> {getattr(now, n)}" for n in split if getattr(saved, n) != getattr(now, n)

@@ -1,4 +1,5 @@
-"""Chat templates: the tokenizer's own, a named one (chatml, zephyr, llama3), plain text, or a .jinja file.
+"""Chat templates: the tokenizer's own, a named one (chatml, zephyr, llama3 and Unsloth's names), plain text,
+or a .jinja file.
 
 `chat_template` is set on the tokenizer once, before any row is rendered, so the same template renders
 the training pairs (data/rows.py, through `trl.data_utils`) and is saved with the tokenizer into every
@@ -26,10 +27,58 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 PLAIN = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"  # `none`: text, one line each
-NAMED = {"chatml": CHATML, "zephyr": ZEPHYR, "llama3": LLAMA3}
+# Unsloth's names (unsloth.chat_templates), as their models ship them. llama-3.1 is the Llama 3 turn format
+# without Meta's dated default system message; qwen-2.5 is ChatML with Qwen 2.5's default system message.
+QWEN25 = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\n' }}{% endif %}" + CHATML
+)
+GEMMA = (  # no system role: a system message opens the first user turn
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' + ns.system"
+    " + message['content'] | trim + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+MISTRAL = (  # a system message opens the first [INST]
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\\n\\n' %}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}"
+    "{% set ns.system = '' %}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+PHI3 = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+ALPACA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+    "{% set loop_messages = messages[1:] %}{% else %}{{ 'Below are some instructions that describe some tasks. "
+    "Write responses that appropriately complete each request.\n\n' }}{% set loop_messages = messages %}"
+    "{% endif %}{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+    "{{ '### Instruction:\n' + message['content'] + '\n\n' }}{% else %}"
+    "{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+VICUNA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
+    "{% set loop_messages = messages[1:] %}{% else %}{{ 'A chat between a curious user and an artificial "
+    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user\\'s "
+    "questions. ' }}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}{% else %}"
+    "{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+NAMED = {
+    "chatml": CHATML, "zephyr": ZEPHYR, "llama3": LLAMA3, "llama-3.1": LLAMA3, "qwen-2.5": QWEN25,
+    "gemma": GEMMA, "mistral": MISTRAL, "phi-3": PHI3, "alpaca": ALPACA, "vicuna": VICUNA,
+}  # fmt: skip
 MARKERS = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
+    "qwen-2.5": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "llama-3.1": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "phi-3": ("<|user|>", "<|assistant|>", "<|end|>"),
 }
 BOUNDARY = "▶"  # marks where the completion starts in the logged example
 

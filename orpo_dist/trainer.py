@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from orpo_dist import sequence_parallel
+from orpo_dist import cadence, run_log, sequence_parallel
 from orpo_dist.checkpoint import Checkpointer
 from orpo_dist.config import Config, ConfigError
 from orpo_dist.console import one_line
@@ -43,7 +43,7 @@ from orpo_dist.metrics import MetricsLog, MetricWindow
 from orpo_dist.modeling import describe_model, load_model, load_tokenizer, output_head, resolve_model_path
 from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
 from orpo_dist.preemption import Preemption
-from orpo_dist.preflight import check_model, check_run
+from orpo_dist.preflight import check_model, check_run, check_special_tokens
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
 from orpo_dist.templates import example_lines
 from orpo_dist.throughput import flops_model
@@ -80,6 +80,9 @@ class Trainer:
         if accelerator.is_main_process:
             cfg.save(self.out / "config.yaml")
         self.say(describe(accelerator, cfg))
+        self.say(run_log.how_it_runs(accelerator, cfg))
+        for note in self.resume_point.notes if self.resume_point else []:
+            self.say(note)
         if t.resume == "auto" and not self.resume_point:
             self.say("resume: auto found no checkpoint; starting fresh")
 
@@ -95,7 +98,7 @@ class Trainer:
         collate = make_collator(layout, pad, scope, *sequence_parallel.slice_of(accelerator))
         self.loader, self.eval_loader = make_loaders(t, train_ds, eval_ds, collate, accelerator)
         steps_per_epoch = self.loader.shards.steps_per_epoch
-        self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+        self.total_steps = t.max_steps if t.max_steps >= 0 else math.ceil(t.epochs * steps_per_epoch)
         fingerprint = run_fingerprint(cfg, world, strategy)
         fingerprint.pairs, fingerprint.data_sha256 = len(train_ds), data_sha256(train_ds)
         if self.resume_point:
@@ -134,6 +137,7 @@ class Trainer:
             )
         except (OSError, ValueError) as e:
             raise ConfigError(f"model={cfg.model.model}: cannot load its tokenizer ({e})") from None
+        check_special_tokens(cfg, tokenizer)
         return model_path, tokenizer
 
     def say(self, msg: str) -> None:
@@ -144,40 +148,52 @@ class Trainer:
         if point:
             self.checkpoints.load(point)
         self.metrics.start(point.step if point else None)
-        return self._loop()
+        return self.evaluate_only() if self.cfg.train.eval_only else self._loop()
+
+    def evaluate_only(self) -> TrainResult:
+        """`eval_only` / `max_steps: 0`: the held-out metrics of the model (or resume's checkpoint), nothing saved."""
+        step = self.checkpoints.progress.global_step
+        self.log_eval(step)
+        self.accelerator.end_training()
+        self.say(f"eval only: step {step}; nothing trained or saved")
+        return TrainResult(self.out, step, None, self.metrics.rows)
 
     def _loop(self) -> TrainResult:
         accelerator, t, progress = self.accelerator, self.cfg.train, self.checkpoints.progress
         if self.preempt.agreed(accelerator):  # a signal came during start-up: nothing new to save
             return self.preempted(progress.global_step, during="start-up")
-        if t.eval_on_start and progress.global_step == 0:
+        if t.eval_on_start and progress.global_step == 0 and t.eval_strategy != "no":
             self.log_eval(step=0)
         self.model.train()
         window, t0, stop = MetricWindow(self.beta), time.perf_counter(), False
+        self.started, self.first_step, self.tokens_seen = t0, progress.global_step, 0.0
         steps = self.loader.steps(progress.epoch, progress.step_in_epoch, progress.global_step)
         with tqdm(total=self.total_steps, initial=progress.global_step, desc="orpo", dynamic_ncols=True,
                   disable=not accelerator.is_main_process) as bar:  # fmt: skip
             while progress.global_step < self.total_steps:
                 grad_norm, health = self.optimizer_step(next(steps), window)
                 progress.advance(self.loader.shards.steps_per_epoch)
-                step = progress.global_step
-                if step % t.logging_steps == 0 or step == self.total_steps:
-                    row = self.log_train(window, step, grad_norm, time.perf_counter() - t0)
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}", refresh=False
-                    )
+                step, per_epoch = progress.global_step, self.loader.shards.steps_per_epoch
+                epoch_end = progress.step_in_epoch == 0
+                if cadence.logs(t, step, self.total_steps, epoch_end):
+                    seconds = time.perf_counter() - t0
+                    row = self.log_train(window, step, grad_norm, seconds)
+                    self.tokens_seen += row["tokens_per_second"] * seconds
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}",
+                                    tokens_s=f"{row['tokens_per_second']:.0f}", refresh=False)  # fmt: skip
+                    if accelerator.is_main_process:  # one compact line per logged step, as TRL prints them
+                        bar.write(f"[orpo_dist] {run_log.step_line(row)}")
                     t0 = time.perf_counter()
                 elif accelerator.is_main_process:  # between logging steps: rank 0's running window
                     bar.set_postfix(**window.preview(), refresh=False)
                 bar.update(1)
-                epoch_end = progress.step_in_epoch == 0
-                if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and epoch_end):
+                if cadence.evaluates(t, step, per_epoch, epoch_end):
                     self.log_eval(step)
                 # the step's one collective: a stop signal on any rank, a non-finite loss / grad norm on any rank
                 stop, loss_bad, grad_bad = self.preempt.check(accelerator, health)
                 if loss_bad or grad_bad:  # before any save: a non-finite value never becomes a checkpoint
                     raise self.health.error(step, loss_bad, self.out)
-                saved = bool(t.save_steps and step % t.save_steps == 0 and step < self.total_steps)
+                saved = cadence.saves(t, step, per_epoch, epoch_end, self.total_steps)
                 if saved or stop:
                     self.checkpoints.save(self.model)
                 if stop:
@@ -258,8 +274,9 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
-        accelerator, step = self.accelerator, self.checkpoints.progress.global_step
-        if self.checkpoints.last_eval_step != step:
+        accelerator, step, t = self.accelerator, self.checkpoints.progress.global_step, self.cfg.train
+        seconds = time.perf_counter() - self.started  # training and its evals: not the save / export below
+        if self.checkpoints.last_eval_step != step and self.cfg.train.eval_strategy != "no":
             self.log_eval(step)
         final = self.out / "final"
         self.checkpoints.save_model(self.model, final)
@@ -272,6 +289,9 @@ class Trainer:
         evals = [r["eval_rewards/accuracies"] for r in self.metrics.rows if "eval_rewards/accuracies" in r]
         if len(evals) >= 2:
             self.say(f"held-out preference accuracy: {evals[0]:.3f} before -> {evals[-1]:.3f} after")
+        pairs_per_step = t.batch_size * t.gradient_accumulation * (accelerator.num_processes // t.sequence_parallel_size)
+        self.say(run_log.end_line(seconds, step - self.first_step, pairs_per_step,
+                                  self.tokens_seen, self.metrics.rows))  # fmt: skip
         self.say(f"done: {step} steps; final model in {final}")
         return TrainResult(self.out, step, final, self.metrics.rows)
 

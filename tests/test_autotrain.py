@@ -164,10 +164,8 @@ def test_axolotl_and_trl_keys():
         "org/prefs", "train_prefs", "test_prefs",
     )  # fmt: skip
     assert load_config(None, {"datasets": "org/prefs"}).data.data_path == "org/prefs"
-    with pytest.raises(
-        ConfigError, match="datasets has 2 entries; orpo_dist trains on one preference dataset"
-    ):
-        load_config(None, {"datasets": [{"path": "a.jsonl"}, {"path": "b.jsonl"}]})
+    several = load_config(None, {"datasets": [{"path": "a.jsonl"}, {"path": "b.jsonl", "split": "x"}]}).data
+    assert several.sources == [{"path": "a.jsonl"}, {"path": "b.jsonl", "split": "x"}]  # mixed: test_data_mix.py
     with pytest.raises(ConfigError, match=r"datasets\[0\].*an entry takes path.*not data_files"):
         load_config(None, {"datasets": [{"path": "org/x", "data_files": ["a.json"]}]})
     with pytest.raises(ConfigError, match="adapter='ia3' must be lora or qlora"):

@@ -272,3 +272,28 @@ def test_python_api_is_callable_even_after_the_cli_module_is_imported():
         orpo_dist.train({"lr": -1})
     with pytest.raises(ConfigError, match="lr=-1.0 must be > 0"):
         orpo_dist.train(None, lr=-1)
+
+
+def test_config_package_imports_nothing_else_of_orpo_dist():
+    """config/ is the bottom layer: everything may import it, it imports only itself (and libraries)."""
+    import ast
+
+    for path in (Path(__file__).parents[1] / "orpo_dist" / "config").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                if name == "orpo_dist" or name.startswith("orpo_dist."):
+                    assert name.startswith("orpo_dist.config"), (path.name, name)
+
+
+def test_cli_parse_takes_config_out_of_the_flags(tmp_path):
+    from orpo_dist.cli import parse
+
+    p = tmp_path / "run.yaml"
+    p.write_text("lr: 0.001\nbeta: 0.3\n")
+    cfg, preset = parse(["--lr", "2e-4", f"--config={p}", "--peft"])
+    assert (cfg.train.lr, cfg.orpo.beta, cfg.peft.use_peft, preset) == (2e-4, 0.3, True, False)
+    with pytest.raises(ConfigError, match="--config needs a path"):
+        parse(["--config"])

@@ -33,7 +33,7 @@ PACKAGES = {
 }
 # module -> who may import it
 IMPORTED_ONLY_BY = {
-    "trainer": {"orpo_dist", "cli"},
+    "trainer": {"orpo_dist", "cli", "trl_api"},  # the API layers: the package, the command line, the TRL drop-in
     "cli": {"train"},
 }
 MODEL_SIDE = ("modeling", "logps", "loss")  # never import a layout: the trainer joins them

@@ -108,5 +108,50 @@ def test_chat_template_spellings(value, stored):
 
 
 def test_unknown_chat_template_is_a_config_error():
-    with pytest.raises(ConfigError, match="chat_template='vicuna' is not one of"):
-        load_config(None, {"chat_template": "vicuna"})
+    with pytest.raises(ConfigError, match="chat_template='falcon' is not one of"):
+        load_config(None, {"chat_template": "falcon"})
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi?"},
+    {"role": "assistant", "content": "Hello."},
+]
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+ALPACA_HEAD = "Below are some instructions that describe some tasks. Write responses that appropriately complete each request."
+VICUNA_HEAD = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+               "detailed, and polite answers to the user's questions.")  # fmt: skip
+LLAMA3_TURNS = ("<|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>")  # fmt: skip
+# Unsloth's template names: (with the system message, without it), rendered by the tiny tokenizer (<s> / </s>)
+UNSLOTH_NAMES = {
+    "llama-3": ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>" + LLAMA3_TURNS,
+                "<s>" + LLAMA3_TURNS),
+    "llama-3.1": ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>" + LLAMA3_TURNS,
+                  "<s>" + LLAMA3_TURNS),
+    "qwen-2.5": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+                 "<|im_start|>assistant\nHello.<|im_end|>\n",
+                 f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+                 "<|im_start|>assistant\nHello.<|im_end|>\n"),
+    "gemma": ("<s><start_of_turn>user\nBe brief.\n\nHi?<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n",
+              "<s><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"),
+    "mistral": ("<s>[INST] Be brief.\n\nHi? [/INST]Hello.</s>", "<s>[INST] Hi? [/INST]Hello.</s>"),
+    "phi-3": ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi?<|end|>\n<|assistant|>\nHello.<|end|>\n",
+              "<|user|>\nHi?<|end|>\n<|assistant|>\nHello.<|end|>\n"),
+    "alpaca": ("<s>Be brief.\n\n### Instruction:\nHi?\n\n### Response:\nHello.</s>\n\n",
+               f"<s>{ALPACA_HEAD}\n\n### Instruction:\nHi?\n\n### Response:\nHello.</s>\n\n"),
+    "vicuna": ("<s>Be brief. USER: Hi? ASSISTANT: Hello.</s>", f"<s>{VICUNA_HEAD} USER: Hi? ASSISTANT: Hello.</s>"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(UNSLOTH_NAMES))
+def test_unsloth_template_names_render_the_exact_format(name):
+    tokenizer = build_tokenizer()
+    cfg = load_config(None, {"chat_template": name})  # the name is accepted (llama-3 is our llama3)
+    set_chat_template(tokenizer, cfg.data.chat_template, say=lambda m: None)
+    with_system, without = UNSLOTH_NAMES[name]
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == with_system
+    assert tokenizer.apply_chat_template(CONVERSATION[1:], tokenize=False) == without
+    # the prompt with the generation prompt is a prefix of the whole: the completion boundary is exact
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    assert with_system.startswith(prompt) and with_system[len(prompt):].lstrip().startswith("Hello.")

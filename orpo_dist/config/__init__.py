@@ -1,7 +1,9 @@
-"""The run's settings: typed sections (`schema`), what users write (`load`), validation (`checks`)."""
+"""The run's settings: typed sections (`schema`), what users write (`load`), validation (`checks`), other
+tools' names (`aliases`)."""
 
+from orpo_dist.config.aliases import ALIASES, SWITCHES
 from orpo_dist.config.checks import problems, validate
-from orpo_dist.config.load import ALIASES, LEAVES, SWITCHES, canonical, load_config, parse_overrides
+from orpo_dist.config.load import LEAVES, canonical, load_config, parse_overrides
 from orpo_dist.config.schema import (
     CHAT_TEMPLATES,
     EXPORT_FORMATS,

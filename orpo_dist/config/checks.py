@@ -19,6 +19,8 @@ def problems(cfg: Config) -> list[str]:
         max_length=d.max_length, max_prompt_length=d.max_prompt_length, logps_chunk_size=o.logps_chunk_size,
         lora_r=pe.lora_r, ddp_timeout=t.ddp_timeout, sequence_parallel_size=t.sequence_parallel_size,
     )  # fmt: skip
+    at_least_one.update({k: v for k, v in dict(evals_per_epoch=t.evals_per_epoch,
+                                               saves_per_epoch=t.saves_per_epoch).items() if v is not None})  # fmt: skip
     at_least = dict(num_proc=(d.num_proc, 1), dataloader_num_workers=(t.dataloader_num_workers, 0))
     unset_or_at_least_one = dict(
         save_steps=t.save_steps, eval_steps=t.eval_steps, eval_batch_size=t.eval_batch_size,
@@ -42,8 +44,16 @@ def problems(cfg: Config) -> list[str]:
         p.append(f"lr={t.lr} must be > 0")
     if o.beta < 0:
         p.append(f"beta={o.beta} must be >= 0 (0 trains plain SFT on the chosen answers)")
-    if t.max_steps <= 0 and t.epochs <= 0:
+    if t.max_steps < 0 and t.epochs <= 0:
         p.append(f"epochs={t.epochs} and max_steps={t.max_steps}: set epochs > 0 or max_steps > 0")
+    if t.max_steps < -1:
+        p.append(f"max_steps={t.max_steps} must be -1 (run epochs), 0 (evaluate only) or a step count")
+    if t.eval_only and d.eval_split == 0 and not d.eval_data_path:
+        p.append("eval_only (or max_steps: 0) needs held-out pairs: set eval_split > 0 or eval_data_path")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        p.append(f"warmup_steps={t.warmup_steps} must be >= 0 (a count, or a fraction below 1)")
+    if t.scheduler == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(t.lr_scheduler_kwargs or {}):
+        p.append("scheduler=cosine_with_min_lr needs lr_scheduler_kwargs: {min_lr: <lr>} or {min_lr_rate: <fraction>}")
     if not 0 <= t.warmup_ratio < 1:
         p.append(f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     if t.max_grad_norm < 0:
@@ -121,8 +131,13 @@ def sequence_parallel_problems(cfg: Config) -> list[str]:
     return p
 
 
+def invalid(found: list[str]) -> ConfigError:
+    """The one "invalid config" error: every problem on its own line (cli.one_line joins them)."""
+    return ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in found))
+
+
 def validate(cfg: Config) -> None:
     """Raise one ConfigError listing every problem, each with its value and the fix."""
     found = problems(cfg)
     if found:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in found))
+        raise invalid(found)

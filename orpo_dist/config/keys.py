@@ -1,7 +1,7 @@
 """Every key described from one source: `--help`, and docs/options.md's key table (tests/test_help.py checks it).
 
 A key's description is the docstring under its field in schema.py, read with `ast`; its default and
-choices come from the dataclass, and the other tools' names from load.py's ALIASES, SWITCHES and
+choices come from the dataclass, and the other tools' names from aliases.py's ALIASES, SWITCHES and
 OTHER_KEYS. Regenerate docs/options.md's table with `python scripts/options_doc.py`.
 """
 
@@ -14,7 +14,8 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal
 
 from orpo_dist.config import schema
-from orpo_dist.config.load import ALIASES, HINTS, OTHER_KEYS, SWITCHES
+from orpo_dist.config.aliases import ALIASES, IGNORED, OTHER_KEYS, REFUSED, SWITCHES
+from orpo_dist.config.load import HINTS
 from orpo_dist.config.schema import CHAT_TEMPLATES, SECTIONS
 
 
@@ -88,6 +89,10 @@ def help_text() -> str:
     lines.append("\nother tools' keys (checked or translated, not stored):")
     for name, doc in other_keys():
         lines.append(f"  --{name}\n      {doc}")
+    lines.append("\nother tools' keys that change nothing here (accepted, named in one warning line):")
+    lines += [f"  --{name}  ({why})" for name, why in IGNORED.items()]
+    lines.append("\nother tools' keys refused when set (the reason):")
+    lines += [f"  --{name}  ({why})" for name, why in REFUSED.items()]
     return "\n".join(lines)
 
 
@@ -104,4 +109,8 @@ def markdown_table() -> str:
         rows.append(f"| `{k.name}` | {k.section} | `{k.default}` | {choices} | {aliases} | {_cell(k.doc)} |")
     for name, doc in other_keys():
         rows.append(f"| `{name}` | (other tools) | | | | {_cell(doc)} |")
+    for name, why in IGNORED.items():
+        rows.append(f"| `{name}` | (other tools: ignored, one warning line) | | | | {_cell(why)} |")
+    for name, why in REFUSED.items():
+        rows.append(f"| `{name}` | (other tools: refused when set) | | | | {_cell(why)} |")
     return "\n".join(rows)

@@ -1,154 +1,44 @@
 """From what users write to a `Config`: YAML files, `--key value` flags, and other tools' names.
 
-`ALIASES` maps AutoTrain `LLMTrainingParams`, TRL, Axolotl and Unsloth spellings onto our keys;
-`SWITCHES` are other tools' booleans that set one of our choices; `OTHER_KEYS` are other tools' keys
-that are checked or translated but not stored (`trainer: orpo`, Axolotl's `adapter`, `rl` and
-`datasets` list). Values are coerced to the field's type here, once; every bad key or value is
-collected and reported together with the bad combinations.
+Other tools' vocabulary lives in `aliases.py`; this module reads, resolves names, and coerces values to
+the field's type, once. Every bad key or value is collected and reported together with the bad
+combinations, in one "invalid config" message (`invalid`).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import logging
+import os
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import Field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from orpo_dist.config.checks import problems
+from orpo_dist.config.aliases import (
+    ALIASES,
+    FALSE,
+    FOREIGN_SECTIONS,
+    IF_UNSET,
+    IGNORED,
+    OTHER_KEYS,
+    REFUSED,
+    SWITCHES,
+    TRUE,
+    VALUE_ALIASES,
+    as_bool,
+    combined,
+)
+from orpo_dist.config.checks import invalid, problems
 from orpo_dist.config.expand import expand_settings
 from orpo_dist.config.schema import CHAT_TEMPLATES, SECTIONS, Config, ConfigError
 from orpo_dist.config.yaml_safe import load_yaml, repeated_keys
 
-# Other tools' names -> ours.
-ALIASES: dict[str, str] = {
-    # AutoTrain LLMTrainingParams
-    "project_name": "output_dir",
-    "prompt_text_column": "prompt_column",
-    "text_column": "chosen_column",
-    "rejected_text_column": "rejected_column",
-    "dpo_beta": "beta",
-    "valid_split": "eval_data_path",
-    "model_max_length": "max_length",
-    "model_name_or_path": "model",
-    "peft": "use_peft",
-    "optimizer": "optim",
-    "repo_id": "hub_model_id",
-    # TRL / transformers TrainingArguments
-    "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "eval_batch_size",
-    "gradient_accumulation_steps": "gradient_accumulation",
-    "learning_rate": "lr",
-    "lr_scheduler_type": "scheduler",
-    "report_to": "log",
-    "resume_from_checkpoint": "resume",
-    "lora_target_modules": "target_modules",
-    "dataset_name": "data_path",
-    "dataset_train_split": "train_split",
-    "dataset_test_split": "eval_data_path",
-    # original ORPO code / Axolotl
-    "alpha": "beta",
-    "orpo_alpha": "beta",
-    "lambda": "beta",
-    "micro_batch_size": "batch_size",
-    "num_epochs": "epochs",
-    "dataset": "data_path",
-    "val_set_size": "eval_split",
-    "sequence_len": "max_length",
-    "base_model": "model",
-    "lr_scheduler": "scheduler",
-    "wandb_name": "run_name",
-    # Unsloth
-    "max_seq_length": "max_length",
-    "use_gradient_checkpointing": "gradient_checkpointing",
-    # accelerate ParallelismConfig
-    "sp_size": "sequence_parallel_size",
-    # ours, by the section's name
-    "export": "formats",
-}
-# Boolean switches from other tools that set one of our Literal fields.
-SWITCHES = {
-    "load_in_4bit": ("quantization", "int4"),
-    "load_in_8bit": ("quantization", "int8"),
-    "bf16": ("mixed_precision", "bf16"),
-    "fp16": ("mixed_precision", "fp16"),
-    "use_flash_attention_2": ("attn_implementation", "flash_attention_2"),  # AutoTrain
-    "flash_attention": ("attn_implementation", "flash_attention_2"),  # Axolotl
-    "lora_target_linear": ("target_modules", "all-linear"),  # Axolotl
-}
-# Other tools' spellings of one of our values.
-VALUE_ALIASES = {
-    "optim": {"adamw_bnb_8bit": "adamw_8bit"},  # transformers' / Axolotl's older name
-    "chat_template": {"tokenizer_default": "tokenizer"},  # Axolotl
-}
-
-
-def _only_orpo(cfg: Config, value: Any, key: str) -> None:
-    """AutoTrain `--trainer` / Axolotl `rl`: accepted when it is `orpo` (the only thing orpo_dist trains)."""
-    if str(value).lower() != "orpo":
-        raise ConfigError(f"{key}={value!r}: orpo_dist trains ORPO only; use {key}: orpo (or leave it out)")
-
-
-def _train_flag(cfg: Config, value: Any, key: str) -> None:
-    """AutoTrain's `--train` (what `python -m orpo_dist.train` always does): accepted, nothing to set."""
-    _coerce(value, bool, key)
-
-
-def _adapter(cfg: Config, value: Any, key: str) -> None:
-    """Axolotl: `lora` sets peft: true; `qlora` sets peft: true and quantization: int4."""
-    text = str(value).lower() if value is not None else ""
-    if text not in ("lora", "qlora", "", "none", "null"):
-        raise ConfigError(f"{key}={value!r} must be lora or qlora (or leave it out for a full fine-tune)")
-    if text in ("lora", "qlora"):
-        _set(cfg, "use_peft", True)
-    if text == "qlora":
-        _set(cfg, "quantization", "int4")
-
-
-def _datasets(cfg: Config, value: Any, key: str) -> None:
-    """Axolotl: a list of one `{path, split, type}` (sets data_path and train_split; the format is detected)."""
-    entries = value if isinstance(value, list) else [value]
-    if len(entries) != 1:
-        raise ConfigError(
-            f"{key} has {len(entries)} entries; orpo_dist trains on one preference dataset: keep one entry "
-            "(or join the files into one)"
-        )
-    entry = entries[0]
-    if not isinstance(entry, dict):
-        return _set(cfg, "data_path", entry)
-    unknown = sorted(set(entry) - {"path", "split", "type"})
-    if "path" not in entry or unknown:
-        raise ConfigError(
-            f"{key}[0]={entry!r}: an entry takes path (a file, directory or hub dataset), split and type "
-            f"(ignored: the format is detected from the rows){'; not ' + ', '.join(unknown) if unknown else ''}"
-        )
-    _set(cfg, "data_path", entry["path"])
-    if entry.get("split"):
-        _set(cfg, "train_split", entry["split"])
-
-
-def _refuse_token(cfg: Config, value: Any, key: str) -> None:
-    """AutoTrain `--token`: refused; a secret on the command line ends up in shell history and logs."""
-    raise ConfigError(
-        f"--{key}: orpo_dist takes no secrets as options (they would land in shell history and logs); "
-        "set HF_TOKEN in the environment or run `hf auth login`"
-    )
-
-
-# Other tools' keys that are checked or translated, not stored: key -> (handler, is a boolean flag).
-OTHER_KEYS: dict[str, tuple[Callable[[Config, Any, str], None], bool]] = {
-    "trainer": (_only_orpo, False),
-    "rl": (_only_orpo, False),
-    "train": (_train_flag, True),
-    "adapter": (_adapter, False),
-    "datasets": (_datasets, False),
-    "token": (_refuse_token, False),
-}
+log = logging.getLogger("orpo_dist")
 # Sections renamed since checkpoints were first written: an old `orpo_config.yaml` still loads.
 OLD_SECTIONS = {"lora": "peft"}
 
@@ -156,7 +46,6 @@ LEAVES: dict[str, tuple[str, Field]] = {f.name: (s, f) for s, cls in SECTIONS.it
 HINTS: dict[str, Any] = {
     name: hint for cls in SECTIONS.values() for name, hint in typing.get_type_hints(cls).items()
 }
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def canonical(key: str) -> str:
@@ -170,8 +59,9 @@ def canonical(key: str) -> str:
 
 
 def _unknown(key: str) -> ConfigError:
-    names = sorted(set(LEAVES) | set(ALIASES) | set(SWITCHES) | set(OTHER_KEYS))
-    close = difflib.get_close_matches(key.lstrip("-").replace("-", "_"), names, n=1, cutoff=0.5)
+    names = sorted(set(LEAVES) | set(ALIASES) | set(SWITCHES) | set(OTHER_KEYS) | set(IGNORED) | set(REFUSED))
+    # only a near spelling: a loose match (padding_free -> learning_rate) misleads more than no hint
+    close = difflib.get_close_matches(key.lstrip("-").replace("-", "_"), names, n=1, cutoff=0.8)
     hint = f" Did you mean '{close[0]}'?" if close else " Run with --help for the list of keys."
     return ConfigError(f"unknown config key '{key}'.{hint}")
 
@@ -203,18 +93,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if text not in args:
             raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
         return text
+    if origin is dict or hint is dict:  # `lr_scheduler_kwargs: {min_lr: 1e-6}`, or JSON on the command line
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is not a mapping (write it as {{name: value}} or JSON)")
+        return value
     if origin is list:
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
         return [_coerce(v, args[0], key) for v in items] if args else items
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).lower()
-        if text in (*TRUE, "unsloth"):  # Unsloth: use_gradient_checkpointing="unsloth"
-            return True
-        if text in FALSE:
-            return False
-        raise ConfigError(f"{key}={value!r} is not a boolean (use true or false)")
+        return as_bool(value, key)
     if hint in (int, float):
         try:
             number = float(value) if hint is float else int(float(value)) if _is_integral(value) else None
@@ -223,8 +115,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if number is None:
             raise ConfigError(f"{key}={value!r} is not a{'n integer' if hint is int else ' number'}")
         return number
-    if hint is str:
-        return str(value)
+    if hint is str:  # a YAML list for a comma-separated key (`modules_to_save: [lm_head]`)
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
     return value
 
 
@@ -238,14 +130,49 @@ def _resume(value: Any) -> str | None:
     return str(value)
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+@dataclass
+class _Reading:
+    """What reading the keys gathers besides the config: ignored keys with their reasons, handler pairs that
+    apply only where the user set nothing (IF_UNSET), and the leaves the user set."""
+
+    cfg: Config
+    ignored: dict[str, str] = field(default_factory=dict)
+    if_unset: list[tuple[str, Any]] = field(default_factory=list)
+    set_leaves: set[str] = field(default_factory=set)
+
+
+def _is_off(value: Any) -> bool:
+    """Empty, false, none, [] or {}: a refused key that asks for nothing (Axolotl's `deepspeed:`)."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    return value in (None, False, [], {}) or text in ("", "none", "null", *FALSE)
+
+
+def _set(r: _Reading, key: str, value: Any) -> None:
     leaf = canonical(key)
+    if leaf in IGNORED:
+        r.ignored[leaf] = IGNORED[leaf]
+        return
+    if leaf in REFUSED:
+        if _is_off(value):
+            r.ignored[leaf] = "off"
+            return
+        raise ConfigError(f"{key}={value!r} cannot be honoured: {REFUSED[leaf]}")
+    known = leaf in LEAVES or leaf in OTHER_KEYS or leaf in SWITCHES
+    takes_none = leaf == "resume" or (leaf in HINTS and _accepts_none(HINTS[leaf]))
+    if known and value is None and not takes_none:  # Axolotl `fp16:`: an empty key (an explicit "" is a value)
+        r.ignored[leaf] = "empty: the default stays"
+        return
     if leaf in OTHER_KEYS:
-        return OTHER_KEYS[leaf][0](cfg, value, leaf)
+        for target, chosen in OTHER_KEYS[leaf][0](value, leaf):
+            if target.startswith(IF_UNSET):
+                r.if_unset.append((target.removeprefix(IF_UNSET), chosen))
+            else:
+                _set(r, target, chosen)
+        return
     if leaf in SWITCHES:
         target, chosen = SWITCHES[leaf]
         if str(value).lower() != "auto" and _coerce(value, bool, key):  # Axolotl `bf16: auto`: leave it
-            _set(cfg, target, chosen)
+            _set(r, target, chosen)
         return
     if leaf not in LEAVES:
         raise _unknown(key)
@@ -257,15 +184,32 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         leaf = "eval_split"  # AutoTrain / Axolotl `valid_split: 0.05`: a fraction, not a path
     section, _ = LEAVES[leaf]
     value = _resume(value) if leaf == "resume" else _coerce(value, HINTS[leaf], key)
-    setattr(getattr(cfg, section), leaf, value)
+    setattr(getattr(r.cfg, section), leaf, value)
+    r.set_leaves.add(leaf)
+
+
+def _accepts_none(hint: Any) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _adapter_as_model(cfg: Config) -> None:
+    """`model: <a LoRA adapter directory>` (a LoRA run's final/): its base is the model, it is the adapter."""
+    config = Path(cfg.model.model).expanduser() / "adapter_config.json"
+    if config.is_file() and not (config.parent / "config.json").is_file():
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        if base:
+            cfg.model.model, cfg.peft.adapter_path = str(base), str(config.parent)
+    if cfg.peft.adapter_path:
+        cfg.peft.use_peft = True
 
 
 def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
-    """YAML may be flat or nested by section; a section name holding a scalar is that leaf (`model: x`)."""
+    """YAML may be flat or nested by section; a section name holding a scalar is that leaf (`model: x`).
+    AutoTrain's `params:` / `hub:` sections are read the same way."""
     items = []
     for key, value in data.items():
         section = OLD_SECTIONS.get(key, key)
-        if section in SECTIONS and isinstance(value, dict):
+        if (section in SECTIONS or section in FOREIGN_SECTIONS) and isinstance(value, dict):
             items.extend(value.items())
         else:
             items.append((key, value))
@@ -277,8 +221,12 @@ def _is_bool_key(key: str) -> bool:
     return leaf in SWITCHES or (leaf in HINTS and HINTS[leaf] is bool) or OTHER_KEYS.get(leaf, (0, False))[1]
 
 
+CONFIG = "config"  # `--config FILE.yaml`: the file the other flags override (cli.parse takes it out)
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
-    """`--key value`, `--key=value`, and bare boolean flags (`--peft`), as AutoTrain accepts them."""
+    """`--key value`, `--key=value`, and bare boolean flags (`--peft`), as AutoTrain accepts them;
+    `--config FILE` comes back as the pair ("config", FILE)."""
     items: list[tuple[str, Any]] = []
     i = 0
     while i < len(argv):
@@ -286,7 +234,11 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options are written --key value")
         key, eq, value = arg[2:].partition("=")
-        if not eq:
+        if key == CONFIG and not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a path to a YAML file (or `quickstart`)")
+            value, i = argv[i + 1], i + 1
+        elif not eq:
             has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             if _is_bool_key(key) and has_value and argv[i + 1].lower() not in (*TRUE, *FALSE, "unsloth"):
                 has_value = False  # `--peft data.jsonl`? no: a bare switch followed by something else
@@ -331,9 +283,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | list[tuple[str, Any]] | dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults <- YAML file <- overrides (a dict, or CLI tokens like ['--lr', '1e-4']). Validated."""
+    """Defaults <- YAML file <- overrides (a dict, CLI tokens like ['--lr', '1e-4'], or the pairs
+    parse_overrides makes of them). Validated."""
     cfg = Config()
     items: list[tuple[str, Any]] = []
     if path is not None:
@@ -343,18 +297,35 @@ def load_config(
     if isinstance(overrides, dict):
         items += _flatten(overrides)
     elif overrides:
-        items += parse_overrides(list(overrides))
-    errors = []
+        overrides = list(overrides)
+        items += overrides if isinstance(overrides[0], tuple) else parse_overrides(overrides)
+    errors, r = [], _Reading(cfg)
     for key, value in items:
         try:
-            _set(cfg, key, value)
+            _set(r, key, value)
         except ConfigError as e:
             errors.append(str(e))
+    for key, value in r.if_unset:
+        if key not in r.set_leaves:
+            _set(r, key, value)
+    derived, together = combined({canonical(k): v for k, v in items})
+    for key, value in derived:
+        _set(r, key, value)
+    errors += together
+    if r.ignored:  # one line, on the first process only (every rank reads the config)
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+            log.warning("ignored (they change nothing here): " +
+                        "; ".join(f"{k} ({why})" for k, why in r.ignored.items()))  # fmt: skip
+    _adapter_as_model(cfg)
+    if cfg.train.max_steps == 0:  # never "a whole epoch": zero steps of training is an evaluation
+        cfg.train.eval_only = True
+    if cfg.train.eval_strategy == "steps" and not cfg.train.eval_steps:
+        cfg.train.eval_steps = cfg.train.logging_steps  # transformers: eval_steps defaults to logging_steps
     d = cfg.data  # Axolotl `sequence_len: 256` alone: a prompt budget that fits
     if d.max_prompt_length >= d.max_length and "max_prompt_length" not in {canonical(k) for k, _ in items}:
         d.max_prompt_length = d.max_length // 2
     errors += expand_settings(cfg)  # `~` and `$VAR` in paths, as a shell would
     errors += problems(cfg)  # every problem at once: bad values and bad combinations
     if errors:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
+        raise invalid(errors)
     return cfg

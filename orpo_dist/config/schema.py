@@ -25,7 +25,10 @@ EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 GGUF_QUANTS: tuple[str, ...] = get_args(GgufQuant)
 OPTIMIZERS: tuple[str, ...] = get_args(Optim)
 # `chat_template` names (templates.py holds the templates); anything else must be a .jinja file
-CHAT_TEMPLATES = ("tokenizer", "chatml", "zephyr", "llama3", "none")
+CHAT_TEMPLATES = (
+    "tokenizer", "chatml", "zephyr", "llama3", "llama-3.1", "qwen-2.5", "gemma", "mistral", "phi-3", "alpaca",
+    "vicuna", "none",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -53,13 +56,25 @@ class ModelConfig:
     """`auto` picks Unsloth only when it can run (1 process, CUDA, supported model); else transformers."""
     fused_kernels: Literal["auto", "liger", "none"] = "auto"
     """Liger's Triton kernels (RoPE, RMSNorm, SwiGLU): `auto` uses them on CUDA when installed; never required."""
+    disable_dropout: bool = True
+    """Set every dropout of the model (LoRA's too) to 0 before training, as TRL's ORPOConfig does by default."""
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    """Arguments of `gradient_checkpointing_enable` (None: `{use_reentrant: false}`)."""
+    tf32: bool | None = None
+    """Allow TF32 matmuls on Ampere+ GPUs (None: torch's default)."""
+    special_tokens: dict[str, str] | None = None
+    """Axolotl's `special_tokens` ({pad_token: ..., eos_token: ...}): accepted when each is already a token of
+    the tokenizer (pad is masked out of the loss); a new token would grow the embeddings and is refused."""
 
 
 @dataclass
 class DataConfig:
     data_path: str = "builtin:case_rule"
     """JSONL/JSON/CSV/Parquet file, a directory holding train.jsonl|csv|parquet (AutoTrain), a `save_to_disk`
-    directory, a hub dataset, or `builtin:case_rule`."""
+    directory, a hub dataset, or `builtin:case_rule`; several: a list, `a,b` or a glob (`data/*.jsonl`)."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Several sources mixed in order, each `{path, split, name, prompt_column, chosen_column, rejected_column,
+    max_samples}` (Axolotl / TRL `datasets:` lists); replaces data_path."""
     train_split: str = "train"
     """Split to read from a hub dataset, a DatasetDict directory, or a directory's `<split>.jsonl|csv|parquet`."""
     prompt_column: str = "prompt"
@@ -92,6 +107,8 @@ class DataConfig:
     """Tokenised cache (None: `<output_dir>/data_cache`); node-local (`$TMPDIR/orpo_cache`): one build per node."""
     overwrite_cache: bool = False
     """Rebuild the tokenised cache even when one with the same fingerprint exists."""
+    dataset_config: str | None = None
+    """Configuration (subset) name of a hub dataset (TRL `dataset_config`; `load_dataset(path, name)`)."""
 
 
 @dataclass
@@ -121,6 +138,19 @@ class PeftConfig:
     """Comma-separated module names, or `all-linear`."""
     quantization: Literal["int4", "int8"] | None = None
     """Load the base in 4-bit (nf4, QLoRA) or 8-bit with bitsandbytes; needs `peft: true`."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of `quantization: int4`."""
+    use_bnb_nested_quant: bool = True
+    """Quantise the 4-bit quantisation constants too (double quantisation: ~0.4 bits/param less)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the update by lora_alpha / sqrt(lora_r)."""
+    use_dora: bool = False
+    """DoRA: train a magnitude vector beside the LoRA direction."""
+    modules_to_save: str | None = None
+    """Comma-separated modules trained in full beside the adapters (e.g. `lm_head,embed_tokens`)."""
+    adapter_path: str | None = None
+    """A saved LoRA adapter loaded onto `model` and trained further, or evaluated (`model: <adapter dir>`
+    sets both, from its adapter_config.json; Axolotl `lora_model_dir`)."""
 
 
 @dataclass
@@ -130,7 +160,12 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the training pairs (fractions allowed)."""
     max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run `epochs`)."""
+    """Stop after this many optimizer steps (-1: run `epochs`; 0: evaluate only, as `eval_only`)."""
+    eval_only: bool = False
+    """Only evaluate the model (or `resume`'s checkpoint) on the held-out pairs; nothing is trained or saved."""
+    dry_run: bool = False
+    """Check config, data (counts, truncation, one rendered pair) and model (on the meta device: parameter
+    counts, memory estimate), print the resolved config, and exit without training."""
     batch_size: int = 8
     """Pairs per device per micro-batch."""
     gradient_accumulation: int = 1
@@ -147,10 +182,17 @@ class TrainConfig:
         "constant_with_warmup",
         "polynomial",
         "inverse_sqrt",
+        "cosine_with_min_lr",
     ] = "linear"
     """Learning-rate schedule (transformers' `get_scheduler`)."""
+    lr_scheduler_kwargs: dict[str, Any] | None = None
+    """The schedule's own arguments, as transformers takes them: `num_cycles`, `min_lr` / `min_lr_rate`
+    (cosine_with_min_lr), `power` (polynomial), ..."""
     warmup_ratio: float = 0.1
     """Fraction of the steps spent warming the learning rate up from 0."""
+    warmup_steps: int | float | None = None
+    """Warmup as transformers 5 takes it: an int >= 1 is a step count, a number in (0, 1) a fraction of
+    the steps; overrides warmup_ratio when set."""
     weight_decay: float = 0.0
     """Decoupled weight decay of the optimizer."""
     max_grad_norm: float = 1.0
@@ -161,10 +203,23 @@ class TrainConfig:
     """Seed of the data order, the eval split, LoRA init and dropout."""
     logging_steps: int = 10
     """Log metrics every N optimizer steps (and at the last step)."""
+    logging_strategy: Literal["steps", "epoch", "no"] = "steps"
+    """`steps`: every logging_steps; `epoch`: at each epoch's end; `no`: only the last step (the report's row)."""
+    logging_first_step: bool = False
+    """Also log the first optimizer step."""
     eval_steps: int | None = None
     """Evaluate every N optimizer steps (None: at the end of each epoch)."""
+    eval_strategy: Literal["auto", "steps", "epoch", "no"] = "auto"
+    """`auto`: every eval_steps if set, else each epoch; `steps`: every eval_steps (logging_steps if unset);
+    `epoch`: each epoch's end; `no`: no evaluation during training."""
+    evals_per_epoch: int | None = None
+    """Evaluate this many times per epoch (Axolotl); sets the eval interval from the epoch's steps."""
     save_steps: int | None = 500
     """Checkpoint every N optimizer steps (None: only at the end)."""
+    save_strategy: Literal["auto", "steps", "epoch", "no"] = "auto"
+    """`auto` / `steps`: every save_steps; `epoch`: each epoch's end; `no`: no step checkpoints (final/ only)."""
+    saves_per_epoch: int | None = None
+    """Checkpoint this many times per epoch (Axolotl); sets the save interval from the epoch's steps."""
     save_total_limit: int | None = 2
     """Keep this many step checkpoints (None: keep all; at least 1)."""
     log: Literal["none", "wandb", "tensorboard"] = "none"
@@ -186,6 +241,8 @@ class TrainConfig:
     """Processes that collate the next micro-batches during the step; `auto`: 2 on CUDA, 0 on CPU."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one accelerator for `mfu` (None: from the GPU's name; bf16 dense)."""
+    overwrite_output_dir: bool = False
+    """Train into an output_dir that already holds a finished model (final/) or checkpoints, replacing them."""
     ddp_timeout: int = 1800
     """Seconds a collective waits for a silent (hung or lost) rank before the job fails (gloo and NCCL)."""
     sequence_parallel_size: int = 1

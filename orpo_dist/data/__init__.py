@@ -31,6 +31,7 @@ import datasets
 import numpy as np
 
 from orpo_dist.config import DataConfig
+from orpo_dist.data.mix import load_mixture, specs, standard_columns
 from orpo_dist.data.parallel import AllRows, resolve_num_proc, tokenise_source
 from orpo_dist.data.rows import duplicate_of
 from orpo_dist.data.sources import load_source, looks_like_hub
@@ -86,13 +87,19 @@ def build_datasets(
 
     Eval is a seeded held-out `eval_split` of the train source, or the pairs of `eval_data_path`.
     """
-    source = load_source(cfg.data_path, cfg.train_split, seed, cfg.max_samples)
-    report = DataReport(source=cfg.data_path, read=len(source.rows), dropped=Counter())
-    first_of = duplicate_of(source, cfg)
+    mixture = specs(cfg)
+    if mixture:  # several sources: each read with its own columns, then one source with the standard names
+        source, counts = load_mixture(mixture, seed, cfg.dataset_config)
+    else:
+        source = load_source(cfg.data_path, cfg.train_split, seed, cfg.max_samples, cfg.dataset_config)
+    report = DataReport(source=" + ".join(counts) if mixture else cfg.data_path, read=len(source.rows),
+                        dropped=Counter())  # fmt: skip
+    train_cfg = standard_columns(cfg) if mixture else cfg
+    first_of = duplicate_of(source, train_cfg)
     report.duplicates = len(first_of) - len(set(first_of))
     num_proc = resolve_num_proc(cfg.num_proc, len(source.rows))
     held_out = set() if cfg.eval_data_path else _eval_ids(len(source.rows), cfg.eval_split, seed, first_of)
-    train, evaluation, report.format = tokenise_source(source, cfg, tokenizer, report, held_out, num_proc)
+    train, evaluation, report.format = tokenise_source(source, train_cfg, tokenizer, report, held_out, num_proc)
     if cfg.eval_data_path:
         eval_source = load_source(*eval_source_args(cfg), seed, None)
         report.source += f" + eval: {cfg.eval_data_path}"

@@ -42,6 +42,7 @@ from orpo_dist.builtin import BUILTIN_PREFIX
 from orpo_dist.config import Config, ConfigError, DataConfig
 from orpo_dist.config.expand import expand
 from orpo_dist.data import build_datasets, eval_source_args
+from orpo_dist.data.mix import specs
 from orpo_dist.data.parallel import AUTO_MIN_PAIRS, resolve_num_proc
 from orpo_dist.data.sources import load_source
 from orpo_dist.data.summary import DataError, DataReport
@@ -72,7 +73,7 @@ def _digest(data: str | bytes) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
 
 
-def describe_source(path: str, split: str) -> dict:
+def describe_source(path: str, split: str, name: str | None = None) -> dict:
     """What identifies a source's content without reading it all (a hub dataset: its datasets fingerprint)."""
     if path.startswith(BUILTIN_PREFIX):
         return {"builtin": path}
@@ -87,7 +88,7 @@ def describe_source(path: str, split: str) -> dict:
         return {
             "hub": path,
             "split": split,
-            "fingerprint": load_source(path, split, 0, None).rows._fingerprint,
+            "fingerprint": load_source(path, split, 0, None, name).rows._fingerprint,
         }
     except (DataError, AttributeError):  # not loadable: the build reports why
         return {"missing": path, "split": split}
@@ -107,7 +108,9 @@ def fingerprint(cfg: DataConfig, tokenizer, seed: int) -> dict:
     return {
         "format": DATA_FORMAT_VERSION,
         "settings": {**settings, "seed": seed},
-        "source": describe_source(cfg.data_path, cfg.train_split),
+        "source": [describe_source(s.path, s.split, s.name or cfg.dataset_config) for s in mixture]
+        if (mixture := specs(cfg))
+        else describe_source(cfg.data_path, cfg.train_split, cfg.dataset_config),
         "eval_source": describe_source(*eval_source_args(cfg)) if cfg.eval_data_path else None,
         "tokenizer": tokenizer_digest(tokenizer),
         "chat_template": _digest(json.dumps(template, sort_keys=True)) if template else None,

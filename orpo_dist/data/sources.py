@@ -55,8 +55,9 @@ class Source:
         return f"line {self.line_numbers[index]}" if self.line_numbers else f"row {index + 1}"
 
 
-def load_source(path: str, split: str, seed: int, max_samples: int | None) -> Source:
-    """Any accepted kind of source -> `Source`, keeping only the first `max_samples` pairs."""
+def load_source(path: str, split: str, seed: int, max_samples: int | None, name: str | None = None) -> Source:
+    """Any accepted kind of source -> `Source`, keeping only the first `max_samples` pairs; `name` is a hub
+    dataset's configuration (TRL `dataset_config`)."""
     if path.startswith(BUILTIN_PREFIX):
         try:
             pairs = builtin_pairs(path, seed)
@@ -87,7 +88,7 @@ def load_source(path: str, split: str, seed: int, max_samples: int | None) -> So
     if not looks_like_hub(path):
         raise DataError(f"{path}: no such file or directory. Accepted: {ACCEPTED}.")
     try:
-        ds = datasets.load_dataset(path, split=split)
+        ds = datasets.load_dataset(path, split=split, **({"name": name} if name else {}))
     except Exception as e:  # hub errors come in many classes; the message is what helps
         raise DataError(
             f"{path}: not a local file or directory, and loading it as a hub dataset (split {split!r}) "
