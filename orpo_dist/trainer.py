@@ -44,6 +44,7 @@ from orpo_dist.modeling import describe_model, load_model, load_tokenizer, outpu
 from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
 from orpo_dist.preflight import check_model, check_run
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
+from orpo_dist.samples import Samples, describe_generated
 from orpo_dist.templates import example_lines
 from orpo_dist.throughput import flops_model
 
@@ -105,9 +106,12 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.sp_reduce = sequence_parallel.enable(accelerator, self.model)  # None without SP
         self.lm_head = output_head(accelerator.unwrap_model(self.model))
-        self.checkpoints = Checkpointer(accelerator, cfg, self.tokenizer, self.scheduler, fingerprint)
+        self.checkpoints = Checkpointer(
+            accelerator, cfg, self.tokenizer, self.scheduler, fingerprint, report.format
+        )
         flops = flops_model(model, accelerator.device, t.peak_tflops, self.say)
         self.metrics = MetricsLog(accelerator, cfg, flops)
+        self.samples = Samples(cfg, eval_ds, self.tokenizer, accelerator, self.metrics.tracker)
         self.health = Health(cfg)
 
     def _inputs(self):
@@ -132,6 +136,7 @@ class Trainer:
         if point:
             self.checkpoints.load(point)
         self.metrics.start(point.step if point else None)
+        self.samples.start(point.step if point else None)
         return self._loop()
 
     def _loop(self) -> TrainResult:
@@ -239,10 +244,13 @@ class Trainer:
         self.checkpoints.last_eval_step = step
         metrics = self.evaluate()
         if metrics:
-            self.metrics.write({"step": step, **metrics})
+            generated = self.samples(self.model, step)  # every rank: a barrier, or synced generation
+            self.metrics.write({"step": step, **metrics, **generated})
             n = len(self.eval_loader.dataset)
             self.say(f"step {step}: held-out preference accuracy {metrics['eval_rewards/accuracies']:.3f} "
                      f"(eval_loss {metrics['eval_loss']:.4f}, {n} pairs)")  # fmt: skip
+            if generated:
+                self.say(f"step {step}: {describe_generated(generated, len(self.samples.pairs))}")
 
     def finish(self) -> TrainResult:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
@@ -260,6 +268,8 @@ class Trainer:
         evals = [r["eval_rewards/accuracies"] for r in self.metrics.rows if "eval_rewards/accuracies" in r]
         if len(evals) >= 2:
             self.say(f"held-out preference accuracy: {evals[0]:.3f} before -> {evals[-1]:.3f} after")
+        for line in self.samples.summary(self.metrics.rows):
+            self.say(line)
         self.say(f"done: {step} steps; final model in {final}")
         return TrainResult(self.out, step, final, self.metrics.rows)
 
