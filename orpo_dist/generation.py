@@ -290,6 +290,7 @@ def parser() -> argparse.ArgumentParser:
         description="Generate completions with a trained model (greedy unless --temperature > 0); "
         "prints prompt -> completion, or JSON lines with --json. Nothing is written to disk.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument(
         "model", help="a run's output_dir, final/, checkpoint-N/, an exported model or a model dir"
@@ -334,6 +335,9 @@ def _main(argv: list[str]) -> int:
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     opts.check()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stdout / stderr carry completions and one-line errors only
     prompts: list = [_prompt_value(p, f"--prompt {i + 1}") for i, p in enumerate(args.prompt)]
     if args.prompts_file:
         path = Path(args.prompts_file)

@@ -29,8 +29,8 @@ import torch
 from orpo_dist.builtin import builtin_check
 from orpo_dist.distributed import is_sharded
 from orpo_dist.generation import complete
+from orpo_dist.report import SAMPLES_FILE, read_samples
 
-SAMPLES_FILE = "samples.jsonl"
 SCORED = 200  # held-out prompts scored per eval for a checkable built-in task
 MAX_NEW_TOKENS = 256  # a sample is at most twice its pair's longest chosen answer, and at most this
 
@@ -164,19 +164,6 @@ def describe_generated(metrics: dict[str, float], samples: int) -> str:
             f"exact answer {metrics['eval_generation/exact']:.2f}"
         )
     return line
-
-
-def read_samples(out: Path) -> list[tuple[int, list[dict]]]:
-    """samples.jsonl as [(step, rows)] in step order (a line torn by a kill is skipped)."""
-    path = Path(out) / SAMPLES_FILE
-    steps: dict[int, list[dict]] = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-            steps.setdefault(int(row["step"]), []).append(row)
-        except (ValueError, KeyError, TypeError):
-            continue
-    return sorted(steps.items())
 
 
 def _show(text: str, width: int = 60) -> str:
