@@ -36,10 +36,13 @@ MAX_NEW_TOKENS = 256  # a sample is at most twice its pair's longest chosen answ
 
 
 class Samples:
-    def __init__(self, cfg, eval_ds, tokenizer, accelerator, tracker=None):
+    def __init__(self, cfg, eval_ds, tokenizer, accelerator, tracker=None, say=print):
         self.accelerator, self.tokenizer, self.tracker = accelerator, tokenizer, tracker
         self.path = Path(cfg.train.output_dir) / SAMPLES_FILE
         n = min(cfg.train.sample_prompts, len(eval_ds) if eval_ds is not None else 0)
+        if n and cfg.train.sequence_parallel_size > 1:  # Ulysses attention splits every sequence over ranks
+            say("samples: off under sequence parallelism; after training: python -m orpo_dist.generate")
+            n = 0
         self.check = builtin_check(cfg.data.data_path) if n else None
         self.batch_size = 2 * (cfg.train.eval_batch_size or cfg.train.batch_size)
         self.pairs: list[dict] = []

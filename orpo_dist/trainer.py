@@ -111,7 +111,7 @@ class Trainer:
         )
         flops = flops_model(model, accelerator.device, t.peak_tflops, self.say)
         self.metrics = MetricsLog(accelerator, cfg, flops)
-        self.samples = Samples(cfg, eval_ds, self.tokenizer, accelerator, self.metrics.tracker)
+        self.samples = Samples(cfg, eval_ds, self.tokenizer, accelerator, self.metrics.tracker, self.say)
         self.health = Health(cfg)
 
     def _inputs(self):

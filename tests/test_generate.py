@@ -428,3 +428,42 @@ def test_two_ranks_rank0_writes_samples_no_hang_numbers_unchanged(tmp_path, tiny
     off, _ = _launch(tmp_path, strategy, tiny_model_dir, samples=0)
     assert not (off / "samples.jsonl").exists()
     assert _numbers(read_jsonl(on / "metrics.jsonl")) == _numbers(read_jsonl(off / "metrics.jsonl"))
+
+
+def test_samples_restore_train_mode_checkpointing_cache_and_rng(tmp_path, tiny_model_dir, tokenizer):
+    """What generating during training touches is put back: train mode, gradient checkpointing, the
+    config's use_cache, and every random state the training draws from."""
+    import random
+
+    import datasets
+    import torch
+    from accelerate import Accelerator
+    from helpers import tokenized_pair
+    from transformers import AutoModelForCausalLM
+
+    from orpo_dist.config import load_config
+    from orpo_dist.samples import Samples
+
+    pairs = [
+        tokenized_pair(tokenizer, p, p.split(": ")[1].strip().upper(), "x", i) for i, p in enumerate(PROMPTS)
+    ]
+    cfg = load_config(None, {"output_dir": str(tmp_path), "sample_prompts": 2, "seed": 3})
+    samples = Samples(cfg, datasets.Dataset.from_list(pairs), tokenizer, Accelerator(cpu=True))
+    assert len(samples.pairs) == 2 and len(samples.scored) == 3  # 2 drawn samples; every pair scored
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    metrics = samples(model, step=0)
+    assert model.training and model.is_gradient_checkpointing and model.config.use_cache is False
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+    assert set(metrics) == {"eval_sample_seconds", *GENERATION_KEYS}
+    rows = read_jsonl(tmp_path / "samples.jsonl")
+    assert [r["step"] for r in rows] == [0, 0] and {r["prompt"] for r in rows} <= set(PROMPTS)
+    # the same seed draws the same prompts; sample_prompts 0 draws none and generates nothing
+    again = Samples(cfg, datasets.Dataset.from_list(pairs), tokenizer, Accelerator(cpu=True))
+    assert [p["prompt"] for p in again.pairs] == [p["prompt"] for p in samples.pairs]
+    cfg.train.sample_prompts = 0
+    off = Samples(cfg, datasets.Dataset.from_list(pairs), tokenizer, Accelerator(cpu=True))
+    assert not off.enabled and off(model, step=1) == {}
