@@ -207,7 +207,7 @@ def sample_caption(samples: list[tuple[int, list[dict]]], width: int = 40) -> st
 
     return (
         f"held-out sample: {show(before[0]['prompt'])} -> step {s0}: {show(before[0]['completion'])}, "
-        f"step {s1}: {show(after[0]['completion'])}"
+        f"step {s1}: {show(after[0]['completion'])} (chosen: {show(after[0]['chosen'])})"
     )
 
 
