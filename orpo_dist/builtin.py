@@ -30,7 +30,6 @@ CHAT_TEMPLATE = (
 MODEL_SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate)
     "tiny": (64, 2, 4, 2, 128),
-    "mini": (128, 2, 4, 2, 256),
     "small": (256, 4, 4, 2, 512),
 }
 
