@@ -2,7 +2,7 @@
 
     import orpo_dist
     result = orpo_dist.train("run.yaml", lr=1e-4)   # or orpo_dist.train({"model": ..., "data_path": ...})
-    orpo_dist.generate(result.final_dir, ["Write in capitals: cat\n"])   # -> ["CAT"]
+    orpo_dist.generate(result.final_dir, ["Write in capitals: hello\\n"])   # -> ["HELAP"]: its completions
 
 The command lines are `python -m orpo_dist.train` (orpo_dist.cli) and `python -m orpo_dist.generate`
 (orpo_dist.generation).

@@ -3,7 +3,7 @@
     python -m orpo_dist.generate outputs/quickstart --prompt $'Write in capitals: cat\\n'
     orpo-dist generate outputs/orpo/final --prompts-file prompts.jsonl --json
     echo "Hello" | python -m orpo_dist.generate outputs/orpo/checkpoint-500
-    orpo_dist.generate("outputs/quickstart/final", ["Write in capitals: cat\\n"])   # -> ["CAT"]
+    orpo_dist.generate("outputs/quickstart/final", ["Write in capitals: hello\\n"])   # -> ["HELAP"]
 
 MODEL is a run's output_dir (its final/), final/ (full weights or a LoRA adapter, whose base comes from
 adapter_config.json), a checkpoint-N/ (its model/), an exported merged model, or any model directory.
