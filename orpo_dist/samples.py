@@ -158,9 +158,10 @@ class Samples:
         return lines
 
 
-def describe_generated(metrics: dict[str, float], samples: int) -> str:
+def describe_generated(metrics: dict[str, float], samples: int, scored: int = 0) -> str:
     """One log line per eval: what generating cost, and the score where there is one."""
-    line = f"{samples} samples generated in {metrics['eval_sample_seconds']:.1f} s (samples.jsonl)"
+    what = f"{samples} samples" + (f" + {scored} scored prompts" if scored else "")
+    line = f"{what} generated in {metrics['eval_sample_seconds']:.1f} s (samples.jsonl)"
     if "eval_generation/rule_followed" in metrics:
         line += (
             f"; held-out generations follow the instruction {metrics['eval_generation/rule_followed']:.2f}, "

@@ -250,7 +250,9 @@ class Trainer:
             self.say(f"step {step}: held-out preference accuracy {metrics['eval_rewards/accuracies']:.3f} "
                      f"(eval_loss {metrics['eval_loss']:.4f}, {n} pairs)")  # fmt: skip
             if generated:
-                self.say(f"step {step}: {describe_generated(generated, len(self.samples.pairs))}")
+                self.say(
+                    f"step {step}: {describe_generated(generated, len(self.samples.pairs), len(self.samples.scored))}"
+                )
 
     def finish(self) -> TrainResult:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
