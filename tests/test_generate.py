@@ -468,3 +468,29 @@ def test_samples_restore_train_mode_checkpointing_cache_and_rng(tmp_path, tiny_m
     cfg.train.sample_prompts = 0
     off = Samples(cfg, datasets.Dataset.from_list(pairs), tokenizer, Accelerator(cpu=True))
     assert not off.enabled and off(model, step=1) == {}
+
+
+def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(tmp_path, tokenizer):
+    """As metrics.jsonl: a resume keeps the rows up to its step (the rest is generated again), a fresh
+    start moves an earlier run's samples.jsonl aside."""
+    import datasets
+    from accelerate import Accelerator
+    from helpers import tokenized_pair
+
+    from orpo_dist.config import load_config
+    from orpo_dist.samples import Samples
+
+    pairs = datasets.Dataset.from_list(
+        [tokenized_pair(tokenizer, p, "X", "x", i) for i, p in enumerate(PROMPTS)]
+    )
+    cfg = load_config(None, {"output_dir": str(tmp_path), "sample_prompts": 1})
+    path = tmp_path / "samples.jsonl"
+    lines = [json.dumps({"step": s, "prompt": "p", "completion": "c"}) for s in (0, 2, 4)]
+    path.write_text("\n".join(lines) + '\n{"step": 6, "pro')  # the last line torn by a kill
+    Samples(cfg, pairs, tokenizer, Accelerator(cpu=True)).start(resumed_step=2)
+    assert [r["step"] for r in read_jsonl(path)] == [0, 2]
+    Samples(cfg, pairs, tokenizer, Accelerator(cpu=True)).start(resumed_step=None)
+    assert not path.exists() and [r["step"] for r in read_jsonl(tmp_path / "samples.previous.jsonl")] == [
+        0,
+        2,
+    ]
