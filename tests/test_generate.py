@@ -494,3 +494,16 @@ def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(tmp_path, tokenize
         0,
         2,
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{"peft": True}, {"peft": True, "quantization": "int4"}, {"gradient_checkpointing": True}],
+                         ids=["lora", "qlora", "gradient_checkpointing"])  # fmt: skip
+def test_samples_with_lora_qlora_and_gradient_checkpointing(tmp_path, tiny_model_dir, extra):
+    run = tiny_run(
+        tmp_path, model=str(tiny_model_dir), max_steps=4, save_steps=None, **{**EVAL, "eval_steps": 2}
+    )
+    result = orpo_dist.train({**run, **extra})
+    evals = [r for r in result.metrics if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all(GENERATION_KEYS <= set(r) for r in evals)
+    assert [r["step"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [0] * 4 + [2] * 4 + [4] * 4
