@@ -134,6 +134,17 @@ class Samples:
             metrics["eval_generation/exact"] = sum(e for _, e in checks) / len(checks)
         return metrics
 
+    def describe(self, metrics: dict[str, float]) -> str:
+        """One log line per eval: what generating cost, and the score where there is one."""
+        what = f"{len(self.pairs)} samples" + (f" + {len(self.scored)} scored prompts" if self.scored else "")
+        line = f"{what} generated in {metrics['eval_sample_seconds']:.1f} s (samples.jsonl)"
+        if "eval_generation/rule_followed" in metrics:
+            line += (
+                f"; held-out generations follow the instruction {metrics['eval_generation/rule_followed']:.2f}, "
+                f"exact answer {metrics['eval_generation/exact']:.2f}"
+            )
+        return line
+
     def summary(self, rows: list[dict]) -> list[str]:
         """The end of the log: the generation score before -> after, and each sample before -> after."""
         if not self.enabled or not self.accelerator.is_main_process:
@@ -156,18 +167,6 @@ class Samples:
                     f"  {_show(b['prompt'].rstrip())} -> {_show(b['completion'])} -> {_show(a['completion'])}"
                 )
         return lines
-
-
-def describe_generated(metrics: dict[str, float], samples: int, scored: int = 0) -> str:
-    """One log line per eval: what generating cost, and the score where there is one."""
-    what = f"{samples} samples" + (f" + {scored} scored prompts" if scored else "")
-    line = f"{what} generated in {metrics['eval_sample_seconds']:.1f} s (samples.jsonl)"
-    if "eval_generation/rule_followed" in metrics:
-        line += (
-            f"; held-out generations follow the instruction {metrics['eval_generation/rule_followed']:.2f}, "
-            f"exact answer {metrics['eval_generation/exact']:.2f}"
-        )
-    return line
 
 
 def _show(text: str, width: int = 60) -> str:

@@ -44,7 +44,7 @@ from orpo_dist.modeling import describe_model, load_model, load_tokenizer, outpu
 from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
 from orpo_dist.preflight import check_model, check_run
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
-from orpo_dist.samples import Samples, describe_generated
+from orpo_dist.samples import Samples
 from orpo_dist.templates import example_lines
 from orpo_dist.throughput import flops_model
 
@@ -250,9 +250,7 @@ class Trainer:
             self.say(f"step {step}: held-out preference accuracy {metrics['eval_rewards/accuracies']:.3f} "
                      f"(eval_loss {metrics['eval_loss']:.4f}, {n} pairs)")  # fmt: skip
             if generated:
-                self.say(
-                    f"step {step}: {describe_generated(generated, len(self.samples.pairs), len(self.samples.scored))}"
-                )
+                self.say(f"step {step}: {self.samples.describe(generated)}")
 
     def finish(self) -> TrainResult:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
