@@ -62,6 +62,7 @@ def completions(stdout: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ the command
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_full_final_output_dir_and_checkpoint_give_the_api_output(full_run, capsys):
     want = orpo_dist.generate(full_run / "final", PROMPTS, max_new_tokens=12)
     assert len(want) == 3 and all(isinstance(c, str) for c in want)
@@ -82,6 +83,7 @@ def test_full_final_output_dir_and_checkpoint_give_the_api_output(full_run, caps
     assert out.splitlines() == [f"{p.rstrip()!r} -> {c!r}" for p, c in zip(PROMPTS, want)]
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_the_entry_point_runs_generate(full_run, capsys):
     rc = cli.main(
         ["generate", str(full_run / "final"), "--prompt", PROMPTS[0], "--json", "--max-new-tokens", "5"]
@@ -92,6 +94,7 @@ def test_the_entry_point_runs_generate(full_run, capsys):
     )
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(full_run):
     prompts = PROMPTS + ["Write in small letters: A\n", "Write in capitals: abcdefgh\n"]
     batched = orpo_dist.generate(full_run / "final", prompts, max_new_tokens=10, batch_size=8)
@@ -99,6 +102,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(full_run):
     assert batched == alone
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_complete_is_greedy_decoding_of_the_model(full_run):
     """The completion is the argmax continuation, computed here with plain forward passes."""
     import torch
@@ -117,6 +121,7 @@ def test_complete_is_greedy_decoding_of_the_model(full_run):
     assert got == want
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_sampling_is_seeded_and_returns_n_per_prompt(full_run):
     kw = dict(max_new_tokens=8, temperature=1.5, top_p=0.95, num_return_sequences=3)
     first = orpo_dist.generate(full_run / "final", PROMPTS[:2], seed=1, **kw)
@@ -124,6 +129,7 @@ def test_sampling_is_seeded_and_returns_n_per_prompt(full_run):
     assert orpo_dist.generate(full_run / "final", PROMPTS[:2], seed=1, **kw) == first
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_lora_final_equals_the_merged_model_greedy(lora_run, tmp_path, capsys):
     from orpo_dist.export import merge_to_16bit
 
@@ -168,6 +174,7 @@ def _training_prompt_ids(run: Path, tokenizer) -> dict[str, list[int]]:
     return {tokenizer.decode(r["prompt_ids"], skip_special_tokens=True): r["prompt_ids"] for r in train}
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_text_run_prompt_ids_equal_training(full_run):
     model, tok, chat, max_prompt = generation.load(full_run / "final", generation.Options())
     assert chat is False  # text rows: the builtin tokenizer's chat template was not applied in training
@@ -177,6 +184,7 @@ def test_text_run_prompt_ids_equal_training(full_run):
     assert generation.encode(tok, texts, chat, max_prompt) == [trained[t] for t in texts]
 
 
+@pytest.mark.slow  # trains one step
 @pytest.mark.parametrize("template", ["tokenizer", "chatml"])
 def test_chat_run_prompt_ids_equal_training(tmp_path, tiny_model_dir, template):
     data = conversations_jsonl(tmp_path / "chat.jsonl", n=12)
@@ -228,8 +236,8 @@ def _one_line_exit_2(rc: int, out: str, err: str, *words: str) -> None:
         (["--prompt", "   "], ["empty"]),
     ],
 )
-def test_bad_flag_values(full_run, capsys, flags, words):
-    argv = [full_run / "final", *flags] + ([] if "--prompt" in flags else ["--prompt", "hi"])
+def test_bad_flag_values(tiny_model_dir, capsys, flags, words):
+    argv = [tiny_model_dir, *flags] + ([] if "--prompt" in flags else ["--prompt", "hi"])
     _one_line_exit_2(*run_cli(capsys, *argv), *words)
 
 
@@ -239,29 +247,31 @@ def test_missing_model_and_not_a_model(tmp_path, capsys):
     _one_line_exit_2(*run_cli(capsys, tmp_path / "empty", "--prompt", "hi"), "not a checkpoint")
 
 
-def test_adapter_whose_base_is_missing(lora_run, tmp_path, capsys):
-    import shutil
+def test_adapter_whose_base_is_missing(tiny_model_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    moved = tmp_path / "adapter"
-    shutil.copytree(lora_run / "final", moved)
-    config = json.loads((moved / "adapter_config.json").read_text())
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, task_type="CAUSAL_LM")
+    )
+    model.save_pretrained(adapter)
+    PreTrainedTokenizerFast.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "deleted-base")
-    (moved / "adapter_config.json").write_text(json.dumps(config))
-    _one_line_exit_2(*run_cli(capsys, moved, "--prompt", "hi"), "deleted-base", "--base-model")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    _one_line_exit_2(*run_cli(capsys, adapter, "--prompt", "hi"), "deleted-base", "--base-model")
     config["base_model_name_or_path"] = "no-such-org/no-such-model"  # a hub id, offline
-    (moved / "adapter_config.json").write_text(json.dumps(config))
-    _one_line_exit_2(*run_cli(capsys, moved, "--prompt", "hi"), "no-such-org/no-such-model")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    _one_line_exit_2(*run_cli(capsys, adapter, "--prompt", "hi"), "no-such-org/no-such-model")
     # --base-model points it at the base: then it runs
-    rc, out, err = run_cli(capsys, moved, "--prompt", "hi", "--base-model", config_base(lora_run), "--json")
+    rc, out, err = run_cli(capsys, adapter, "--prompt", "hi", "--base-model", tiny_model_dir, "--json")
     assert rc == 0, err
+    assert len(completions(out)) == 1
 
 
-def config_base(run: Path) -> str:
-    return json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
-
-
-def test_prompts_file_mistakes(full_run, tmp_path, capsys, monkeypatch):
-    final = full_run / "final"
+def test_prompts_file_mistakes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    final = tiny_model_dir
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
     _one_line_exit_2(*run_cli(capsys, final, "--prompts-file", empty), "empty")
@@ -277,15 +287,16 @@ def test_prompts_file_mistakes(full_run, tmp_path, capsys, monkeypatch):
     _one_line_exit_2(*run_cli(capsys, final), "stdin", "empty")
 
 
-def test_python_api_raises_generate_error(full_run, tmp_path):
+def test_python_api_raises_generate_error(tiny_model_dir, tmp_path):
     with pytest.raises(generation.GenerateError, match="does not exist"):
         orpo_dist.generate(tmp_path / "nowhere", ["hi"])
     with pytest.raises(generation.GenerateError, match="no prompts"):
-        orpo_dist.generate(full_run / "final", [])
+        orpo_dist.generate(tiny_model_dir, [])
     with pytest.raises(generation.GenerateError, match="max-new-tokens 0"):
-        orpo_dist.generate(full_run / "final", ["hi"], max_new_tokens=0)
+        orpo_dist.generate(tiny_model_dir, ["hi"], max_new_tokens=0)
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_prompts_file_jsonl_text_lines_and_stdin(full_run, tmp_path, capsys, monkeypatch):
     final = full_run / "final"
     want = orpo_dist.generate(final, PROMPTS, max_new_tokens=8)
@@ -342,6 +353,7 @@ def test_the_module_runs_as_a_command_reading_stdin(full_run, tmp_path):
 # ------------------------------------------------------------------------------------------ samples in training
 
 
+@pytest.mark.slow  # trains a tiny run (module fixture)
 def test_samples_written_at_every_eval_with_the_rule_score(full_run):
     rows = read_jsonl(full_run / "samples.jsonl")
     evals = [r for r in read_jsonl(full_run / "metrics.jsonl") if "eval_loss" in r]
