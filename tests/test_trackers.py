@@ -149,6 +149,7 @@ def test_wandb_run_id_from_the_environment(tmp_path):
 # ------------------------------------------------------------------------------------------ generated samples
 
 
+@pytest.mark.slow  # trains a tiny run
 def test_tensorboard_has_the_samples_text_and_the_generation_scores(tmp_path):
     result = orpo_dist.train(tiny_run(tmp_path, max_steps=4, save_steps=None, log="tensorboard", **EVAL))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
