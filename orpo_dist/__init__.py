@@ -2,15 +2,17 @@
 
     import orpo_dist
     result = orpo_dist.train("run.yaml", lr=1e-4)   # or orpo_dist.train({"model": ..., "data_path": ...})
+    orpo_dist.generate(result.final_dir, ["Write in capitals: hello\\n"])   # -> ["HELAP"]: its completions
 
-The command line is `python -m orpo_dist.train` (orpo_dist.cli).
+The command lines are `python -m orpo_dist.train` (orpo_dist.cli) and `python -m orpo_dist.generate`
+(orpo_dist.generation).
 """
 
 from __future__ import annotations
 
 from orpo_dist.config import Config, ConfigError, load_config, validate
 
-__all__ = ["Config", "ConfigError", "ORPOConfig", "ORPOTrainer", "load_config", "train"]
+__all__ = ["Config", "ConfigError", "ORPOConfig", "ORPOTrainer", "generate", "load_config", "train"]
 __version__ = "0.1.0"
 
 
@@ -45,3 +47,14 @@ def train(config: Config | dict | str | None = None, **overrides):
         cfg = load_config(config, plain)
     bind(cfg, objects)
     return run(cfg)
+
+
+def generate(model_dir, prompts, **options) -> list[str]:
+    """Completions (greedy by default) of `prompts` -- text, or lists of {role, content} messages -- by the
+    model in `model_dir`: a run's output_dir, final/ (full or LoRA), checkpoint-N/, an exported or any
+    model directory. Prompts are rendered as the run's training rendered them. Options:
+    max_new_tokens, temperature, top_p, num_return_sequences, seed, batch_size, prompt_format, dtype,
+    base_model, device (orpo_dist.generation.Options). Raises GenerateError (a ValueError) on a mistake."""
+    from orpo_dist.generation import generate as _generate
+
+    return _generate(model_dir, prompts, **options)

@@ -5,12 +5,15 @@ the prompt asks for a word in capitals or in small letters; the chosen answer ob
 answer uses the other case. Half the pairs ask for each case, so a model that ignores the prompt
 scores about 0.5 on held-out preference accuracy; one that has learned the rule scores near 1.0.
 
-`model: builtin:tiny` and `data_path: builtin:case_rule` select these in a config.
+`model: builtin:tiny` and `data_path: builtin:case_rule` select these in a config. A completion of the
+task can be checked (`case_rule_check`), so training also scores what the model writes
+(`eval_generation/rule_followed`, `eval_generation/exact`: samples.py).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import string
 from pathlib import Path
 
@@ -115,7 +118,34 @@ def case_rule_pairs(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
     return pairs
 
 
+CASE_PROMPT = re.compile(r"Write in (capitals|small letters): (\S+)\s*$")
+
+
+def case_rule_check(prompt: str, completion: str) -> tuple[bool, bool] | None:
+    """(rule followed, exact answer) for a case-rule completion; None if the prompt is not the task's.
+
+    The rule is followed when the answer has letters and every one is in the asked case; exact when the
+    answer (spaces around it ignored) is the prompt's word in that case."""
+    match = CASE_PROMPT.search(prompt)
+    if not match:
+        return None
+    capitals, word = match[1] == "capitals", match[2]
+    answer = completion.strip()
+    letters = [c for c in answer if c.isalpha()]
+    followed = bool(letters) and all(c.isupper() if capitals else c.islower() for c in letters)
+    return followed, answer == (word.upper() if capitals else word.lower())
+
+
 BUILTIN_DATASETS = {"case_rule": case_rule_pairs}
+# built-in tasks whose completions can be checked: name -> check(prompt, completion)
+BUILTIN_CHECKS = {"case_rule": case_rule_check}
+
+
+def builtin_check(data_path: str):
+    """The completion check of a built-in task (`builtin:case_rule`), or None."""
+    if not data_path.startswith(BUILTIN_PREFIX):
+        return None
+    return BUILTIN_CHECKS.get(data_path.removeprefix(BUILTIN_PREFIX))
 
 
 def builtin_pairs(name: str, seed: int = 0) -> list[dict[str, str]]:

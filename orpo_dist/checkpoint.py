@@ -3,7 +3,7 @@
 `checkpoint-<step>/` holds `state/` (accelerate's `save_state`: model or adapter, optimizer, RNG),
 `orpo_state.json` (our `Progress` -- the data position --, the scheduler, the run's `Fingerprint`;
 JSON, so resuming never unpickles our own state), `model/` (weights or adapter in safetensors,
-tokenizer, the run's config) and `COMPLETE`. A save is written to a hidden sibling,
+tokenizer, the run's config, how prompts were rendered) and `COMPLETE`. A save is written to a hidden sibling,
 `.checkpoint-<step>.partial/`, and renamed into place by rank 0 after every rank has finished, with
 `COMPLETE` already inside: a crash at any moment leaves either the old checkpoint or the new one
 complete, never a half-new one marked complete. Weights are gathered across ranks by accelerate (a
@@ -37,6 +37,7 @@ from orpo_dist.resume import (
     state_json,
 )
 from orpo_dist.safe_load import audit_checkpoint, weights_only_deepspeed
+from orpo_dist.templates import write_prompt_format
 
 __all__ = ["COMPLETE_MARKER", "Checkpointer", "CheckpointError", "Progress", "complete_checkpoints"]
 
@@ -70,8 +71,12 @@ class Progress:
 class Checkpointer:
     """Saves and restores everything a run needs to continue."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, tokenizer, scheduler, fingerprint: Fingerprint):
+    def __init__(
+        self, accelerator: Accelerator, cfg: Config, tokenizer, scheduler, fingerprint: Fingerprint,
+        data_format: str = "standard",
+    ):  # fmt: skip
         self.accelerator, self.cfg, self.tokenizer = accelerator, cfg, tokenizer
+        self.data_format = data_format  # how prompts were rendered, saved for orpo_dist.generate
         self.scheduler, self.fingerprint = scheduler, fingerprint
         self.out = Path(cfg.train.output_dir)
         self.progress = Progress()
@@ -151,6 +156,7 @@ class Checkpointer:
             )
             self.tokenizer.save_pretrained(path)
             self.cfg.save(path / "orpo_config.yaml")
+            write_prompt_format(path, self.data_format, self.cfg.data.chat_template)
 
     def _rotate(self, keep: Path) -> None:
         limit = self.cfg.train.save_total_limit

@@ -1,4 +1,5 @@
-"""The command line: `python -m orpo_dist.train`, `accelerate launch -m orpo_dist.train`, `orpo-dist`.
+"""The command line: `python -m orpo_dist.train`, `accelerate launch -m orpo_dist.train`, `orpo-dist`
+(and `orpo-dist generate ...`, which is `python -m orpo_dist.generate ...`).
 
     python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
 
@@ -25,6 +26,7 @@ from orpo_dist.preemption import record_early
 
 USAGE = """usage: python -m orpo_dist.train [--config FILE.yaml] [--key value ...]
        accelerate launch [--config_file configs/accelerate/X.yaml] -m orpo_dist.train ...
+       orpo-dist generate MODEL --prompt TEXT   (python -m orpo_dist.generate --help: see what a model writes)
 
 Keys may be written --key value, --key=value, with dashes or underscores; boolean keys work bare
 (--peft). AutoTrain / TRL / Axolotl / Unsloth names are accepted (--project-name, --dpo-beta,
@@ -100,9 +102,14 @@ def _lost_peer(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:  # `orpo-dist generate MODEL ...`: python -m orpo_dist.generate
+        from orpo_dist.generation import main as generate
+
+        return generate(argv[1:])
     signalled, previous = record_early()
     try:
-        return _main(sys.argv[1:] if argv is None else argv, signalled)
+        return _main(argv, signalled)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

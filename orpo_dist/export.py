@@ -36,7 +36,7 @@ TOKENIZER_FILES = tuple(
     "tokenizer.json tokenizer_config.json special_tokens_map.json tokenizer.model vocab.json merges.txt "
     "added_tokens.json chat_template.jinja chat_template.json".split()
 )
-EXTRA_FILES = ("generation_config.json", "orpo_config.yaml")
+EXTRA_FILES = ("generation_config.json", "orpo_config.yaml", "prompt_format.json")
 
 
 # ---------------------------------------------------------------------------------------------------

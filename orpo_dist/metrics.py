@@ -27,7 +27,14 @@ from orpo_dist.trackers import Tracker
 
 # metrics of the machine and the moment, not of the training: never equal in two runs of the same steps
 WALL_CLOCK_KEYS = frozenset(
-    {"tokens_per_second", "data_wait_seconds", "mfu", "train_runtime", "peak_memory_gb"}
+    {
+        "tokens_per_second",
+        "data_wait_seconds",
+        "mfu",
+        "train_runtime",
+        "peak_memory_gb",
+        "eval_sample_seconds",
+    }
 )
 
 

@@ -4,8 +4,9 @@
 
 Rank 0 writes both at the end of training. report.png has one panel per curve (loss, nll_loss,
 log_odds_ratio, rewards/margins, train and held-out preference accuracy, learning rate) against the
-optimizer step, held-out evaluations marked as points. report.md has the held-out preference accuracy
-before -> after, the final train and held-out metrics, tokens/s, wall time, peak memory and the key
+optimizer step, held-out evaluations marked as points, and a caption with one held-out sample before -> after. report.md has the held-out preference accuracy
+before -> after, the generations of a few held-out prompts before -> after (samples.jsonl, with the
+rule score of a checkable built-in task), the final train and held-out metrics, tokens/s, wall time, peak memory and the key
 settings from config.yaml. report.md needs nothing extra; report.png needs matplotlib
 (`pip install 'orpo-dist[report]'`): without it the PNG is skipped with a line saying so, and training
 never fails because of the report.
@@ -48,6 +49,7 @@ SETTINGS = (
     ("train", "seed"),
 )  # fmt: skip
 INSTALL_HINT = "pip install 'orpo-dist[report]' (matplotlib)"
+SAMPLES_FILE = "samples.jsonl"  # written by samples.py during training
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -111,6 +113,19 @@ def read_config(out: Path) -> tuple[dict, list[str]]:
     return sections, [f"config.yaml entries that are not sections ({', '.join(odd)})"] if odd else []
 
 
+def read_samples(out: Path) -> list[tuple[int, list[dict]]]:
+    """samples.jsonl as [(step, rows)] in step order (a line torn by a kill is skipped)."""
+    path = Path(out) / SAMPLES_FILE
+    steps: dict[int, list[dict]] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+            steps.setdefault(int(row["step"]), []).append(row)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sorted(steps.items())
+
+
 def _series(rows: list[dict], key: str | None) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in rows if key and key in r]
     return [s for s, _ in points], [v for _, v in points]
@@ -152,8 +167,38 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
-def summary(rows: list[dict], config: dict, out: Path) -> str:
-    """report.md: before -> after held-out accuracy, final metrics, speed, time, memory, settings."""
+def generation_lines(rows: list[dict], samples: list[tuple[int, list[dict]]]) -> list[str]:
+    """report.md's generations: the rule score before -> after (a checkable built-in task) and a table of
+    the same held-out prompts' completions at the first and the last eval (samples.jsonl)."""
+    if not samples:
+        return []
+    lines = ["## Generations (held-out prompts, greedy)", ""]
+    scores = [r for r in rows if "eval_generation/rule_followed" in r]
+    if len(scores) >= 2:
+        first, last = scores[0], scores[-1]
+        lines += [
+            f"Completions that follow the instruction: **{first['eval_generation/rule_followed']:.2f} before** "
+            f"-> **{last['eval_generation/rule_followed']:.2f} after**; exact answer "
+            f"{first['eval_generation/exact']:.2f} -> {last['eval_generation/exact']:.2f}.",
+            "",
+        ]
+    (s0, before), (s1, after) = samples[0], samples[-1]
+    lines += [f"| prompt | before (step {s0}) | after (step {s1}) | chosen |", "|---|---|---|---|"]
+    for b, a in zip(before, after):
+        cells = (b["prompt"], b["completion"], a["completion"], b["chosen"])
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines + [""]
+
+
+def _cell(text: str, width: int = 120) -> str:
+    """Text in a markdown table cell: one line, pipes escaped, long text cut, empty shown as such."""
+    text = text.strip().replace("|", "\\|").replace("\n", "\\n")
+    text = text if len(text) <= width else text[:width] + "…"
+    return f"`{text}`" if text and "`" not in text else (text or "*(empty)*")
+
+
+def summary(rows: list[dict], config: dict, out: Path, samples=()) -> str:
+    """report.md: before -> after held-out accuracy, generations, final metrics, speed, time, memory, settings."""
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     lines = [f"# ORPO training report: {out.resolve()}", ""]
@@ -173,8 +218,8 @@ def summary(rows: list[dict], config: dict, out: Path) -> str:
         )
     else:
         lines.append("no held-out evaluation (eval_split: 0 and no eval_data_path)")
+    lines += ["", *generation_lines(rows, list(samples))]
     lines += [
-        "",
         "## Final metrics",
         "",
         "| metric | train (last logged window) | held-out (last eval) |",
@@ -206,6 +251,22 @@ def summary(rows: list[dict], config: dict, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sample_caption(samples: list[tuple[int, list[dict]]], width: int = 40) -> str:
+    """One held-out sample before -> after, for report.png's caption ('' without two evals)."""
+    if len(samples) < 2 or not samples[0][1] or not samples[-1][1]:
+        return ""
+    (s0, before), (s1, after) = samples[0], samples[-1]
+
+    def show(text: str) -> str:
+        text = text.strip()
+        return repr(text if len(text) <= width else text[:width] + "…")
+
+    return (
+        f"held-out sample: {show(before[0]['prompt'])} -> step {s0}: {show(before[0]['completion'])}, "
+        f"step {s1}: {show(after[0]['completion'])} (chosen: {show(after[0]['chosen'])})"
+    )
+
+
 def write_report(out: str | Path, say=print) -> list[Path]:
     """Write report.md and (with matplotlib) report.png into `out`; returns what was written."""
     out = Path(out)
@@ -213,7 +274,8 @@ def write_report(out: str | Path, say=print) -> list[Path]:
     config, unread = read_config(out)
     unread += [f"metrics.jsonl: skipped {note}" for note in skipped]
     written = [out / "report.md"]
-    written[0].write_text(summary(rows, config, out) + _unread(unread))
+    samples = read_samples(out)
+    written[0].write_text(summary(rows, config, out, samples) + _unread(unread))
     for note in unread:
         say(f"report: could not read {note}")
     if importlib.util.find_spec("matplotlib") is None:
@@ -222,7 +284,12 @@ def write_report(out: str | Path, say=print) -> list[Path]:
         )
     else:
         model = config.get("model", {}).get("model", "")
-        figure(rows, f"ORPO: {model}  ({out.name})").savefig(out / "report.png")
+        fig = figure(rows, f"ORPO: {model}  ({out.name})")
+        caption = sample_caption(samples)
+        if caption:
+            fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=10, family="monospace")
+            fig.subplots_adjust(bottom=0.1)
+        fig.savefig(out / "report.png")
         written.append(out / "report.png")
     say(f"report: {', '.join(str(p) for p in written)}")
     return written

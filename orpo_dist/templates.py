@@ -4,12 +4,15 @@ or a .jinja file.
 `chat_template` is set on the tokenizer once, before any row is rendered, so the same template renders
 the training pairs (data/rows.py, through `trl.data_utils`) and is saved with the tokenizer into every
 checkpoint's `model/`, `final/` and the export (`chat_template.jinja`): the trained model chats with the
-template it learned. `example_lines` shows one tokenised training pair at start, with the prompt /
+template it learned. How the run's prompts were rendered (chat template or plain text) is saved beside it
+(`prompt_format.json`), so `orpo_dist.generate` renders new prompts the same way (`render_prompt`).
+`example_lines` shows one tokenised training pair at start, with the prompt /
 completion boundary marked, so a template mistake is seen before hours of training.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # The formats as their models ship them (Qwen / OpenHermes ChatML, HuggingFaceH4 Zephyr, Meta Llama 3).
@@ -81,6 +84,7 @@ MARKERS = {
     "phi-3": ("<|user|>", "<|assistant|>", "<|end|>"),
 }
 BOUNDARY = "▶"  # marks where the completion starts in the logged example
+PROMPT_FORMAT_FILE = "prompt_format.json"
 
 
 def set_chat_template(tokenizer, setting: str | None, say=print) -> None:
@@ -124,3 +128,34 @@ def example_lines(dataset, tokenizer, setting: str | None, data_format: str, wid
         f"  chosen:   {_show(prompt)}{BOUNDARY}{_show(chosen)}",
         f"  rejected: …{BOUNDARY}{_show(rejected)}",
     ]
+
+
+def write_prompt_format(model_dir: Path, data_format: str, setting: str | None) -> None:
+    """Record beside the tokenizer how training rendered prompts: `chat` (conversations through the chat
+    template) or `text` (text rows, used as they are), and the `chat_template` setting."""
+    prompts = "chat" if data_format.startswith("conversational") else "text"
+    record = {"prompts": prompts, "chat_template": setting, "data_format": data_format}
+    (Path(model_dir) / PROMPT_FORMAT_FILE).write_text(json.dumps(record) + "\n")
+
+
+def read_prompt_format(model_dir: Path) -> str | None:
+    """`chat` or `text` as recorded by training; None when the directory has no (readable) record."""
+    path = Path(model_dir) / PROMPT_FORMAT_FILE
+    try:
+        prompts = json.loads(path.read_text()).get("prompts")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return prompts if prompts in ("chat", "text") else None
+
+
+def render_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> str:
+    """A prompt as training rendered it: messages through the chat template with the assistant's
+    generation prompt (`trl.data_utils`, as data/rows.py); text as it is, or, when the run trained on
+    conversations, as one user message."""
+    if isinstance(prompt, str):
+        if not chat:
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
+    from trl.data_utils import maybe_apply_chat_template
+
+    return maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]

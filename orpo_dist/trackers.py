@@ -3,7 +3,8 @@
 A metrics.jsonl row `{"step": 10, "loss": ..., "rewards/margins": ..., "eval_loss": ...}` reaches the
 tracker as `train/loss`, `train/rewards/margins`, `eval/loss` (transformers' `rewrite_logs`), against
 the step axis `train/global_step` (wandb: `define_metric`, as transformers' WandbCallback; tensorboard:
-the event's step). metrics.jsonl keeps the flat names.
+the event's step). metrics.jsonl keeps the flat names. Generated samples (samples.py) go to
+`eval/samples`: a wandb Table, a tensorboard text.
 
 wandb: the project is `wandb_project`, else $WANDB_PROJECT, else `orpo_dist`; $WANDB_ENTITY and
 $WANDB_RUN_ID / $WANDB_RESUME are wandb's own. The first start writes the run id to
@@ -24,6 +25,8 @@ from orpo_dist.distributed import rank0_print
 
 RUN_ID_FILE = "wandb_run_id"
 STEP_KEY = "train/global_step"
+SAMPLES_KEY = "eval/samples"  # samples.py's generated completions
+SAMPLE_COLUMNS = ("step", "prompt", "completion", "chosen", "rejected")
 
 
 PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}  # any one of them will do
@@ -130,6 +133,21 @@ class Tracker:
             self.accelerator.log({**values, STEP_KEY: row["step"]})
         else:
             self.accelerator.log(values, step=row["step"])
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Generated samples under `eval/samples`: a wandb Table, or a tensorboard text (a markdown table)."""
+        if self.kind == "wandb":
+            import wandb
+
+            table = wandb.Table(
+                columns=list(SAMPLE_COLUMNS), data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows]
+            )
+            self.accelerator.log({SAMPLES_KEY: table, STEP_KEY: step})
+        else:
+            cell = lambda v: str(v).replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
+            lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
+            lines += ["| " + " | ".join(cell(r[c]) for c in SAMPLE_COLUMNS) + " |" for r in rows]
+            self.accelerator.log({SAMPLES_KEY: "\n".join(lines)}, step=step)
 
 
 def _wandb_logged_in() -> bool:

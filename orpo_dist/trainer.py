@@ -45,6 +45,7 @@ from orpo_dist.optim import build_optimizer, check_optimizer, describe_optimizer
 from orpo_dist.preemption import Preemption
 from orpo_dist.preflight import check_model, check_run, check_special_tokens
 from orpo_dist.resume import check_data, data_sha256, run_fingerprint
+from orpo_dist.samples import Samples
 from orpo_dist.templates import example_lines
 from orpo_dist.throughput import flops_model
 from orpo_dist.trackers import check_tracker
@@ -114,9 +115,12 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.sp_reduce = sequence_parallel.enable(accelerator, self.model)  # None without SP
         self.lm_head = output_head(accelerator.unwrap_model(self.model))
-        self.checkpoints = Checkpointer(accelerator, cfg, self.tokenizer, self.scheduler, fingerprint)
+        self.checkpoints = Checkpointer(
+            accelerator, cfg, self.tokenizer, self.scheduler, fingerprint, report.format
+        )
         flops = flops_model(model, accelerator.device, t.peak_tflops, self.say)
         self.metrics = MetricsLog(accelerator, cfg, flops)
+        self.samples = Samples(cfg, eval_ds, self.tokenizer, accelerator, self.metrics.tracker, self.say)
         self.health = Health(cfg)
 
     def _checks(self, world: int, strategy: str):
@@ -148,6 +152,7 @@ class Trainer:
         if point:
             self.checkpoints.load(point)
         self.metrics.start(point.step if point else None)
+        self.samples.start(point.step if point else None)
         return self.evaluate_only() if self.cfg.train.eval_only else self._loop()
 
     def evaluate_only(self) -> TrainResult:
@@ -267,10 +272,13 @@ class Trainer:
         self.checkpoints.last_eval_step = step
         metrics = self.evaluate()
         if metrics:
-            self.metrics.write({"step": step, **metrics})
+            generated = self.samples(self.model, step)  # every rank: a barrier, or synced generation
+            self.metrics.write({"step": step, **metrics, **generated})
             n = len(self.eval_loader.dataset)
             self.say(f"step {step}: held-out preference accuracy {metrics['eval_rewards/accuracies']:.3f} "
                      f"(eval_loss {metrics['eval_loss']:.4f}, {n} pairs)")  # fmt: skip
+            if generated:
+                self.say(f"step {step}: {self.samples.describe(generated)}")
 
     def finish(self) -> TrainResult:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
@@ -292,6 +300,8 @@ class Trainer:
         pairs_per_step = t.batch_size * t.gradient_accumulation * (accelerator.num_processes // t.sequence_parallel_size)
         self.say(run_log.end_line(seconds, step - self.first_step, pairs_per_step,
                                   self.tokens_seen, self.metrics.rows))  # fmt: skip
+        for line in self.samples.summary(self.metrics.rows):
+            self.say(line)
         self.say(f"done: {step} steps; final model in {final}")
         return TrainResult(self.out, step, final, self.metrics.rows)
 

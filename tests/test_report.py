@@ -103,3 +103,28 @@ def test_without_matplotlib_training_finishes_and_says_how(tmp_path, monkeypatch
     assert "report.png skipped: matplotlib is not installed; pip install 'orpo-dist[report]'" in log
     assert f"python -m orpo_dist.report {tmp_path}" in log
     assert (tmp_path / "report.md").is_file() and not (tmp_path / "report.png").exists()
+
+
+def test_markdown_has_the_generations_before_and_after(tmp_path):
+    """report.md's table: the same prompts at the first and the last eval, one line each, pipes escaped;
+    the rule score before -> after; report.png's caption names one sample."""
+    rows = [{"step": 0, "eval_loss": 5.0, "eval_rewards/accuracies": 0.5, "eval_generation/rule_followed": 0.1,
+             "eval_generation/exact": 0.0},
+            {"step": 9, "eval_loss": 1.0, "eval_rewards/accuracies": 1.0, "eval_generation/rule_followed": 0.95,
+             "eval_generation/exact": 0.25}]  # fmt: skip
+    samples = [
+        (0, [{"step": 0, "prompt": "Write in capitals: cat\n", "completion": "a|b\nc", "chosen": "CAT", "rejected": "cat"}]),
+        (5, [{"step": 5, "prompt": "Write in capitals: cat\n", "completion": "CA", "chosen": "CAT", "rejected": "cat"}]),
+        (9, [{"step": 9, "prompt": "Write in capitals: cat\n", "completion": "CAT", "chosen": "CAT", "rejected": "cat"}]),
+    ]  # fmt: skip
+    text = report.summary(rows, {}, tmp_path, samples)
+    assert "**0.10 before** -> **0.95 after**; exact answer 0.00 -> 0.25" in text
+    assert "| prompt | before (step 0) | after (step 9) | chosen |" in text
+    assert "| `Write in capitals: cat` | `a\\|b\\nc` | `CAT` | `CAT` |" in text
+    caption = report.sample_caption(samples)
+    assert "'Write in capitals: cat'" in caption and "step 9: 'CAT'" in caption
+    assert report.summary(rows, {}, tmp_path, []).count("Generations") == 0  # samples off: no section
+    (tmp_path / "samples.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for _, rs in samples for r in rs) + '{"step": 1'
+    )
+    assert [s for s, _ in report.read_samples(tmp_path)] == [0, 5, 9]  # a torn last line is skipped

@@ -146,3 +146,50 @@ def test_wandb_run_id_from_the_environment(tmp_path):
     assert notice[1] == "habit42" and (out / "wandb_run_id").read_text() == "habit42"
     run = next(r["run"] for r in _records(Path(notice[2]) / "run-habit42.wandb") if r["type"] == "run")
     assert run["project"] == "orpo_dist"  # no wandb_project, no $WANDB_PROJECT: the default
+
+
+# ------------------------------------------------------------------------------------------ generated samples
+
+
+@pytest.mark.slow  # trains a tiny run
+def test_tensorboard_has_the_samples_text_and_the_generation_scores(tmp_path):
+    result = orpo_dist.train(tiny_run(tmp_path, max_steps=4, save_steps=None, log="tensorboard", **EVAL))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "orpo_dist"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"eval/generation/rule_followed", "eval/generation/exact", "eval/sample_seconds"} <= scalars
+    want = [(r["step"], r["eval_generation/rule_followed"]) for r in result.metrics if "eval_loss" in r]
+    got = [(e.step, e.value) for e in events.Scalars("eval/generation/rule_followed")]
+    assert [s for s, _ in got] == [s for s, _ in want] == [0, 2, 4]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6)
+    (tag,) = [t for t in events.Tags()["tensors"] if t.startswith("eval/samples")]
+    texts = events.Tensors(tag)
+    assert [t.step for t in texts] == [0, 2, 4]
+    table = texts[-1].tensor_proto.string_val[0].decode()
+    samples = [r for r in read_jsonl(tmp_path / "samples.jsonl") if r["step"] == 4]
+    assert table.startswith("| step | prompt | completion | chosen | rejected |")
+    assert len(table.splitlines()) == 2 + len(samples) == 2 + 4
+    assert samples[0]["chosen"] in table
+
+
+@pytest.mark.slow
+def test_wandb_has_the_samples_table_and_the_generation_scores(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "orpo_dist.train", "--config", str(TINY_YAML), "--output_dir", str(out),
+           "--log", "wandb", "--max_steps", "4", "--save_steps", "none", "--eval_split", "0.2",
+           "--eval_on_start", "true", "--eval_steps", "2"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=_wandb_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    notice = _notice(proc.stdout)
+    records = _records(Path(notice[2]) / f"run-{notice[1]}.wandb")
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    tables = [h for h in history if h.get("eval/samples._type") == "table-file"]  # wandb flattens the Table
+    assert [h["train/global_step"] for h in tables] == [0, 2, 4]
+    assert all(h["eval/samples.ncols"] == 5 and h["eval/samples.nrows"] == 4 for h in tables)
+    scores = [h for h in history if "eval/generation/rule_followed" in h]
+    assert [h["train/global_step"] for h in scores] == [0, 2, 4]
+    assert all("eval/generation/exact" in h for h in scores)

@@ -40,6 +40,8 @@ def problems(cfg: Config) -> list[str]:
         for name, value in unset_or_at_least_one.items()
         if value is not None and value < 1
     ]
+    if t.sample_prompts < 0:
+        p.append(f"sample_prompts={t.sample_prompts} must be >= 0 (0 turns samples off)")
     if t.lr <= 0:
         p.append(f"lr={t.lr} must be > 0")
     if o.beta < 0:

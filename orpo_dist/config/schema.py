@@ -233,6 +233,9 @@ class TrainConfig:
     `latest` / `true`: that checkpoint, which must exist; or a checkpoint path."""
     eval_on_start: bool = True
     """Evaluate before the first step, so the log shows the starting held-out preference accuracy."""
+    sample_prompts: int = 4
+    """Held-out prompts (drawn once with the seed) whose greedy completions are generated at each eval, before
+    training and at the end: samples.jsonl, the tracker (`eval/samples`) and report.md (0 = off)."""
     group_by_length: bool = False
     """Shard so ranks get similar token counts per step (fewer stragglers)."""
     eval_batch_size: int | None = None

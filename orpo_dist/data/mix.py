@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orpo_dist.config import DataConfig
-from orpo_dist.data.summary import DataError
 from orpo_dist.data.rows import column_map
 from orpo_dist.data.sources import Source, load_source
+from orpo_dist.data.summary import DataError
 
 ENTRY_KEYS = ("path", "split", "name", "prompt_column", "chosen_column", "rejected_column", "max_samples")
 GLOB = set("*?[")

@@ -44,17 +44,25 @@ def truncate_pair(
     return p, c, r, truncated
 
 
-def _tokenize_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str, list]:
-    """Ids for prompts (with BOS unless the template already wrote it) and completions (+EOS), truncated."""
-    bos, eos_id = tokenizer.bos_token, tokenizer.eos_token_id
-    has_bos = [bool(bos) and p.startswith(bos) for p in batch["prompt"]]
+def prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of rendered prompts, with BOS unless the chat template already wrote it (training and
+    `orpo_dist.generate` both tokenise prompts here, so they see the same ids)."""
+    bos = tokenizer.bos_token
+    has_bos = [bool(bos) and p.startswith(bos) for p in texts]
     prompts: list[list[int]] = [[] for _ in has_bos]
     for flag in (False, True):
         idx = [i for i, h in enumerate(has_bos) if h == flag]
         if idx:
-            ids = tokenizer([batch["prompt"][i] for i in idx], add_special_tokens=not flag)["input_ids"]
+            ids = tokenizer([texts[i] for i in idx], add_special_tokens=not flag)["input_ids"]
             for i, row in zip(idx, ids):
                 prompts[i] = row
+    return prompts
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str, list]:
+    """Ids for prompts (with BOS unless the template already wrote it) and completions (+EOS), truncated."""
+    eos_id = tokenizer.eos_token_id
+    prompts = prompt_ids(tokenizer, batch["prompt"])
 
     def completions(texts: list[str]) -> list[list[int]]:
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
