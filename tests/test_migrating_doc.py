@@ -49,3 +49,10 @@ def test_every_migration_diff_is_one_the_tests_run(monkeypatch):
     # Unsloth: the template name is a key value
     assert unsloth[1] == ["chat_template: llama-3.1"]
     assert load_config(None, {"chat_template": "llama-3.1"}).data.chat_template == "llama-3.1"
+
+
+def test_the_readme_shows_the_same_trl_diff():
+    blocks = re.findall(r"```diff\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1
+    lines = blocks[0].splitlines()
+    assert lines == [f"-{TRL_IMPORT}", f"+{OURS_IMPORT}"]
