@@ -363,3 +363,25 @@ def test_the_scale_keys_and_their_errors(monkeypatch):
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, flags)
+
+
+def test_a_hub_dataset_is_read_once_for_the_key_and_the_build(tokenizer, monkeypatch):
+    """The cache key needs a hub dataset's fingerprint and the build needs its rows: one load serves both."""
+    from orpo_dist.builtin import case_rule_pairs
+    from orpo_dist.data import sources
+
+    loads = []
+
+    def load_dataset(path, split, **kw):
+        loads.append((path, split))
+        return datasets.Dataset.from_list(case_rule_pairs(40, seed=3))
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", load_dataset)
+    sources.hub_dataset.cache_clear()
+    cfg = Config(data=DataConfig(data_path="someone/preference-pairs", eval_split=0.1))
+    key = cache_mod.key_inputs(cfg.data, tokenizer, 0)
+    train, held_out, _ = build_datasets(cfg.data, tokenizer, seed=0)
+    assert key["source"]["hub"] == "someone/preference-pairs" and key["source"]["fingerprint"]
+    assert len(train) + len(held_out) == 40
+    assert loads == [("someone/preference-pairs", "train")]
+    sources.hub_dataset.cache_clear()

@@ -11,7 +11,7 @@ from helpers import pairs_jsonl
 from orpo_dist.builtin import build_tokenizer
 from orpo_dist.config import ConfigError, load_config
 from orpo_dist.data import DataError, build_datasets
-from orpo_dist.data.cache import cache_key, fingerprint
+from orpo_dist.data.cache import cache_key, key_inputs
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_datasets_entries_have_their_own_columns_split_and_max_samples(files):
 def test_the_cache_key_covers_every_source(files):
     a, b, _ = files
     tokenizer = build_tokenizer()
-    key = lambda cfg: cache_key(fingerprint(cfg.data, tokenizer, 0))  # noqa: E731
+    key = lambda cfg: cache_key(key_inputs(cfg.data, tokenizer, 0))  # noqa: E731
     both = load_config(None, {"data_path": [str(a), str(b)]})
     before = key(both)
     assert before != key(load_config(None, {"data_path": str(a)}))

@@ -328,7 +328,7 @@ def test_a_damaged_neighbour_entry_does_not_break_the_miss_message(cached, token
     from test_data_cache import write_pairs
 
     cfg, entry, _ = cached
-    (entry / "fingerprint.json").write_text(text)
+    (entry / "key.json").write_text(text)
     write_pairs(tmp := entry.parents[2] / "pairs.jsonl", 30)  # other data: another key, a miss
     got, lines = _reload(cfg, tokenizer)
     assert got.built and got.directory != entry and len(got.train) + len(got.eval) == 30, tmp

@@ -2,7 +2,7 @@
 
 `<cache_dir>/<key>/` holds `train/` and `eval/` (datasets' `save_to_disk`: Arrow files that
 `load_from_disk` memory-maps, so a rank holds only the pages it reads), `report.json` (the DataReport and
-how the build went) and `fingerprint.json` (what the key covers, readable, so a miss can say what
+how the build went) and `key.json` (what the key covers, readable, so a miss can say what
 changed). The key hashes everything that changes the result: the data-format version, every data setting
 except num_proc / cache_dir / overwrite_cache, the seed (eval split), the data source (a file's path, size
 and mtime; every file of a directory; a hub dataset's fingerprint; a builtin's name), and the tokenizer
@@ -44,12 +44,13 @@ from orpo_dist.config.expand import expand
 from orpo_dist.data import build_datasets, eval_source_args
 from orpo_dist.data.mix import specs
 from orpo_dist.data.parallel import AUTO_MIN_PAIRS, resolve_num_proc
-from orpo_dist.data.sources import load_source
+from orpo_dist.data.sources import hub_dataset
 from orpo_dist.data.summary import DataError, DataReport
 from orpo_dist.distributed import agreed_start
 
 DATA_FORMAT_VERSION = 2  # bump when the same inputs would tokenise differently (2: identical pairs dropped, duplicates held out together)
 NOT_IN_KEY = ("num_proc", "cache_dir", "overwrite_cache")  # how it is built, not what
+KEY_FILE = "key.json"  # beside each build: what its key covers, so a later miss can say what changed
 STALE_TMP_SECONDS = 24 * 3600  # a `.tmp-*` build older than this was left by a crash: removed
 
 
@@ -73,7 +74,7 @@ def _digest(data: str | bytes) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
 
 
-def describe_source(path: str, split: str, name: str | None = None) -> dict:
+def source_identity(path: str, split: str, name: str | None = None) -> dict:
     """What identifies a source's content without reading it all (a hub dataset: its datasets fingerprint)."""
     if path.startswith(BUILTIN_PREFIX):
         return {"builtin": path}
@@ -84,12 +85,8 @@ def describe_source(path: str, split: str, name: str | None = None) -> dict:
     if p.is_dir():
         files = [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*")]
         return {"directory": str(p.resolve()), "split": split, "files": _digest(json.dumps(sorted(files)))}
-    try:
-        return {
-            "hub": path,
-            "split": split,
-            "fingerprint": load_source(path, split, 0, None, name).rows._fingerprint,
-        }
+    try:  # the split is loaded once per process: the build takes it from the same place (hub_dataset)
+        return {"hub": path, "split": split, "fingerprint": hub_dataset(path, split, name)._fingerprint}
     except (DataError, AttributeError):  # not loadable: the build reports why
         return {"missing": path, "split": split}
 
@@ -102,16 +99,17 @@ def tokenizer_digest(tokenizer) -> str:
         return _digest(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in files if f.is_file()))
 
 
-def fingerprint(cfg: DataConfig, tokenizer, seed: int) -> dict:
+def key_inputs(cfg: DataConfig, tokenizer, seed: int) -> dict:
+    """What the cache key covers (written beside each build as `key.json`, so a miss can say what changed)."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY}
     template = tokenizer.chat_template
     return {
         "format": DATA_FORMAT_VERSION,
         "settings": {**settings, "seed": seed},
-        "source": [describe_source(s.path, s.split, s.name or cfg.dataset_config) for s in mixture]
+        "source": [source_identity(s.path, s.split, s.name or cfg.dataset_config) for s in mixture]
         if (mixture := specs(cfg))
-        else describe_source(cfg.data_path, cfg.train_split, cfg.dataset_config),
-        "eval_source": describe_source(*eval_source_args(cfg)) if cfg.eval_data_path else None,
+        else source_identity(cfg.data_path, cfg.train_split, cfg.dataset_config),
+        "eval_source": source_identity(*eval_source_args(cfg)) if cfg.eval_data_path else None,
         "tokenizer": tokenizer_digest(tokenizer),
         "chat_template": _digest(json.dumps(template, sort_keys=True)) if template else None,
     }
@@ -141,7 +139,7 @@ def miss_reason(root: Path, fp: dict) -> str:
     """What changed since the newest other cache in `root` (or that there is none)."""
     builds = sorted(root.glob("*/report.json"), key=lambda f: f.lstat().st_mtime, reverse=True)
     old = next(
-        (prev for f in builds if isinstance(prev := _read_json(f.parent / "fingerprint.json"), dict)), None
+        (prev for f in builds if isinstance(prev := _read_json(f.parent / KEY_FILE), dict)), None
     )
     if old is None:
         return f"no cache in {root} yet"
@@ -276,7 +274,7 @@ def _build(entry: Path, fp: dict, cfg: Config, tokenizer, build_id: str, note) -
             evaluation.save_to_disk(str(tmp / "eval"))
         seconds = time.perf_counter() - start
         rows = {"train": len(train), **({"eval": len(evaluation)} if evaluation is not None else {})}
-        (tmp / "fingerprint.json").write_text(json.dumps(fp, indent=1, sort_keys=True, default=str))
+        (tmp / KEY_FILE).write_text(json.dumps(fp, indent=1, sort_keys=True, default=str))
         info = {
             "build_id": build_id,
             "report": dataclasses.asdict(report),
@@ -351,7 +349,7 @@ def tokenised_datasets(cfg: Config, tokenizer, accelerator: Accelerator, say) ->
 
     A collective: every rank calls it. `say` prints on the main process.
     """
-    fp = fingerprint(cfg.data, tokenizer, cfg.train.seed)
+    fp = key_inputs(cfg.data, tokenizer, cfg.train.seed)
     entry = cache_root(cfg) / cache_key(fp)
     build_id = [entry.name + (f"@{uuid.uuid4().hex}" if cfg.data.overwrite_cache else "")]
     if accelerator.num_processes > 1 and cfg.data.overwrite_cache:

@@ -9,6 +9,7 @@ hub datasets are loaded by `datasets`.
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import io
 import itertools
@@ -87,14 +88,20 @@ def load_source(path: str, split: str, seed: int, max_samples: int | None, name:
         raise DataError(f"{path}: unknown file type {suffix or '(no extension)'!r}. Accepted: {ACCEPTED}.")
     if not looks_like_hub(path):
         raise DataError(f"{path}: no such file or directory. Accepted: {ACCEPTED}.")
+    return _from_dataset(path, hub_dataset(path, split, name), max_samples)
+
+
+@functools.lru_cache(maxsize=8)
+def hub_dataset(path: str, split: str, name: str | None = None) -> datasets.Dataset:
+    """A hub dataset's split, loaded once per process: the cache key (its datasets fingerprint) and the
+    data build both read it from here (an Arrow file memory-mapped by datasets, not a copy)."""
     try:
-        ds = datasets.load_dataset(path, split=split, **({"name": name} if name else {}))
+        return datasets.load_dataset(path, split=split, **({"name": name} if name else {}))
     except Exception as e:  # hub errors come in many classes; the message is what helps
         raise DataError(
             f"{path}: not a local file or directory, and loading it as a hub dataset (split {split!r}) "
             f"failed: {type(e).__name__}: {e}. Accepted: {ACCEPTED}."
         ) from e
-    return _from_dataset(path, ds, max_samples)
 
 
 def split_file_in(directory: Path, split: str) -> Path | None:
