@@ -38,6 +38,9 @@ WHOLE_STATE = {
     "MULTI_MUSA",
     "MULTI_HPU",
 }
+# distributed types whose sharded checkpoints are resharded on load: FSDP's torch.distributed.checkpoint
+# (DCP) records each tensor's global shape and offsets, so another world size reads its own shards
+RESHARDED_ON_LOAD = {"FSDP"}
 
 
 @dataclass
@@ -203,7 +206,7 @@ def check_settings(point: ResumePoint, now: Fingerprint) -> None:
     kinds = {saved.strategy, now.strategy}
     if len(kinds) > 1 and not kinds <= WHOLE_STATE:
         problems.append(f"strategy {saved.strategy} -> {now.strategy}")
-    elif changed and not kinds <= WHOLE_STATE:
+    elif changed and not (kinds <= WHOLE_STATE or kinds <= RESHARDED_ON_LOAD):
         problems.append(
             f"{', '.join(changed)} under {now.strategy} (its optimizer state is partitioned by rank: resume on "
             "the same world size and split)"
