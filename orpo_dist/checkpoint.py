@@ -26,6 +26,7 @@ from accelerate.utils import DistributedType
 
 from orpo_dist.config import Config, ConfigError
 from orpo_dist.distributed import rank0_print
+from orpo_dist.elastic import universal_state
 from orpo_dist.resume import (
     COMPLETE_MARKER,
     STATE_FILE,
@@ -142,7 +143,10 @@ class Checkpointer:
         if self.deepspeed:
             weights_only_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
         kwargs = {} if self.deepspeed else {"strict": not self.cfg.peft.use_peft}
-        accelerator.load_state(str(point.path / "state"), **kwargs)
+        state = point.path / "state"
+        if self.deepspeed and point.fingerprint.world_size != accelerator.num_processes:
+            state = universal_state(accelerator, point.path)  # ZeRO cut for another world size
+        accelerator.load_state(str(state), **kwargs)
         self.scheduler.load_state_dict(
             _checked_scheduler_state(self.scheduler.state_dict(), point.state["scheduler"])
         )

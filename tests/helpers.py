@@ -218,8 +218,16 @@ def launch(
 
 # FSDP2 over gloo on CPU ranks, launched as on GPUs (orpo_dist/distributed.py, the CPU shim)
 STRATEGIES["fsdp2"] = (["--config_file", str(ACCEL / "fsdp2.yaml")], {}, "FSDP")
-STRATEGIES["fsdp2_keep_ac"] = (  # parameters kept gathered after forward (ZeRO-2-like), activation checkpointing
-    [*STRATEGIES["fsdp2"][0], "--fsdp_reshard_after_forward", "false", "--fsdp_activation_checkpointing", "true"],
+STRATEGIES[
+    "fsdp2_keep_ac"
+] = (  # parameters kept gathered after forward (ZeRO-2-like), activation checkpointing
+    [
+        *STRATEGIES["fsdp2"][0],
+        "--fsdp_reshard_after_forward",
+        "false",
+        "--fsdp_activation_checkpointing",
+        "true",
+    ],
     {},
     "FSDP",
 )

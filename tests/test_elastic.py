@@ -1,6 +1,6 @@
 """Which checkpoints resume on another number of ranks (resume.check_settings; fast, nothing launched).
 The runs themselves are tests/test_fsdp2.py (FSDP2 2->4 and 4->2) and tests/test_multiprocess_faults.py
-(ZeRO refused on another world size)."""
+(another global batch refused) and tests/test_elastic_zero.py (ZeRO 2->1, 2->4, 1->2)."""
 
 from __future__ import annotations
 
@@ -22,18 +22,24 @@ def fingerprint(**values) -> Fingerprint:
     return Fingerprint(**{**base, **values})
 
 
+@pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED"])
 @pytest.mark.parametrize(("world", "batch", "accumulation"), [(4, 1, 2), (1, 4, 2), (8, 1, 1), (2, 1, 4)])
-def test_fsdp_continues_on_another_split_of_the_same_global_batch(world, batch, accumulation):
-    now = fingerprint(world_size=world, per_device_batch=batch, gradient_accumulation=accumulation)
-    check_settings(point(), now)  # no error: DCP reshards on load
+def test_a_sharded_checkpoint_continues_on_another_split_of_the_same_global_batch(
+    strategy, world, batch, accumulation
+):
+    """FSDP: DCP reshards on load. ZeRO: converted to DeepSpeed's universal checkpoint (elastic.py)."""
+    now = fingerprint(
+        strategy=strategy, world_size=world, per_device_batch=batch, gradient_accumulation=accumulation
+    )
+    check_settings(point(strategy=strategy), now)  # no error
 
 
-@pytest.mark.parametrize("strategy", ["DEEPSPEED"])
-def test_zero_on_another_world_size_is_refused_with_every_number(strategy):
-    now = fingerprint(strategy=strategy, world_size=4, per_device_batch=1)
-    with pytest.raises(ConfigError) as e:
-        check_settings(point(strategy=strategy), now)
-    assert "world_size 2 -> 4, per_device_batch 2 -> 1 under DEEPSPEED" in str(e.value)
+@pytest.mark.parametrize(
+    ("saved", "now"), [("DEEPSPEED", "MULTI_CPU"), ("FSDP", "DEEPSPEED"), ("MULTI_CPU", "FSDP")]
+)
+def test_another_strategy_is_refused(saved, now):
+    with pytest.raises(ConfigError, match=f"strategy {saved} -> {now}"):
+        check_settings(point(strategy=saved), fingerprint(strategy=now))
 
 
 def test_fsdp_checkpoint_on_one_plain_process_is_refused():

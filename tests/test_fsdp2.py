@@ -18,7 +18,6 @@ accelerate's GPU path: `fsdp2_prepare_model`, sharded `save_state` / `load_state
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -137,8 +136,10 @@ def test_fsdp2_equals_ddp_and_one_process(runs):
     # the two data-parallel ranks trained on different pairs, which together are the single run's
     for step in range(3):
         ids = fsdp[0]["steps"][step]["ids"] + fsdp[1]["steps"][step]["ids"]
-        assert sorted(ids) == single[0]["steps"][step]["ids"] == sorted(
-            ddp[0]["steps"][step]["ids"] + ddp[1]["steps"][step]["ids"]
+        assert (
+            sorted(ids)
+            == single[0]["steps"][step]["ids"]
+            == sorted(ddp[0]["steps"][step]["ids"] + ddp[1]["steps"][step]["ids"])
         )
     rows = {name: rec[0]["rows"] for name, rec in (("fsdp2", fsdp), ("ddp", ddp), ("single", single))}
     assert len([r for r in rows["single"] if "loss" in r]) == 3
@@ -252,10 +253,13 @@ def test_fsdp2_resumes_on_another_number_of_ranks(runs, tmp_path, name, referenc
     run.check_ok()
     assert f"world_size={after} distributed=FSDP " in run.log
     assert f"resumed from {run.out / f'checkpoint-{SAVE_AT}'} at step {SAVE_AT}" in run.log
-    assert {t["world_size"] for t in first.trace} == {before} and {t["world_size"] for t in run.trace} == {after}
+    assert {t["world_size"] for t in first.trace} == {before} and {t["world_size"] for t in run.trace} == {
+        after
+    }
     diff = metric_diff(run.rows, full.rows[SAVE_AT:])
     print(f"{name}: max metric difference vs the uninterrupted run {diff:.2e}")
     assert diff <= 1e-5
+
     # every pair of epoch 1 (steps 1-5) once: steps 1-4 before the checkpoint, step 5 after the resume
     def pairs(r, steps):
         return [i for t in r.trace if t["step"] in steps for i in t["ids"]]
