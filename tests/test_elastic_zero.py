@@ -141,5 +141,5 @@ def test_zero_resumes_on_another_number_of_ranks(runs, tmp_path, name):
         want = adam(full.out / "checkpoint-6", tmp_path)
         assert state.keys() == want.keys()
         for k in want:
-            a, b = state[k]["exp_avg"], want[k]["exp_avg"]
+            a, b = state[k]["exp_avg"].flatten(), want[k]["exp_avg"].flatten()  # ZeRO-3 keeps them flat
             assert (a - b).norm() <= 1e-4 * b.norm() + 1e-12, k
