@@ -88,13 +88,13 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
     (read from the same environment). Everything after it, `accelerator.prepare` -> `fsdp2_prepare_model`,
     `save_state`/`load_state` of sharded state, `get_state_dict`, is accelerate's unchanged GPU path.
 
-    Only then: no CUDA, the launch asked for FSDP, and more than one connected rank. A one-process FSDP
-    launch stays a single process (nothing to shard)."""
+    Only then: no CUDA, the launch asked for FSDP, and the ranks are connected. `accelerate launch` starts
+    FSDP through torchrun even for one process, so a one-rank FSDP job is FSDP here as on one GPU (its
+    checkpoints are sharded ones, which resume on any number of ranks)."""
     if (
         torch.cuda.is_available()
         or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
         or accelerator.distributed_type != DistributedType.NO
-        or accelerator.num_processes < 2
         or not torch.distributed.is_initialized()
     ):
         return
@@ -184,10 +184,10 @@ def _fsdp_sharding(accelerator: Accelerator) -> str:
     """How FSDP shards, for the start line ("" for other strategies)."""
     if accelerator.distributed_type != DistributedType.FSDP:
         return ""
-    p = accelerator.state.fsdp_plugin
+    p, n = accelerator.state.fsdp_plugin, accelerator.num_processes
     return (
         f" (FSDP{p.fsdp_version}: parameters, gradients and optimizer state sharded over "
-        f"{accelerator.num_processes} ranks per decoder layer; reshard_after_forward={p.reshard_after_forward}, "
+        f"{n} rank{'s' * (n > 1)} per decoder layer; reshard_after_forward={p.reshard_after_forward}, "
         f"activation_checkpointing={p.activation_checkpointing}, checkpoints {p.state_dict_type.name})"
     )
 

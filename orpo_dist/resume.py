@@ -11,7 +11,7 @@ new run before anything is loaded:
   deals one global batch per step, so each step trains on the same pairs and the same gradient.
   One process and DDP save weights and optimizer whole; FSDP's sharded (DCP) checkpoints reshard on
   load; DeepSpeed ZeRO checkpoints are converted to DeepSpeed's universal checkpoint (elastic.py).
-  Another strategy (say ZeRO -> DDP, or FSDP -> one plain process) is refused.
+  Another strategy (say ZeRO -> DDP, or FSDP -> a plain `python` process) is refused.
 """
 
 from __future__ import annotations

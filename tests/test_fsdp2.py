@@ -47,7 +47,12 @@ NOT_METRICS = {"data_wait_seconds", "tokens_per_second", "train_runtime", "peak_
 
 
 # name: (ranks before, ranks after, extra flags); the global batch stays 8 pairs per step
-ELASTIC = {"elastic_2to4": (2, 4, ()), "elastic_4to2_lora": (4, 2, LORA)}
+ELASTIC = {
+    "elastic_2to4": (2, 4, ()),
+    "elastic_2to1": (2, 1, ()),
+    "elastic_4to2_lora": (4, 2, LORA),
+    "elastic_1to2_lora": (1, 2, LORA),
+}
 
 
 def per_rank(ranks: int) -> tuple[str, ...]:
@@ -239,7 +244,13 @@ def adam_state(checkpoint: Path, tmp: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("name", "reference"), [("elastic_2to4", "fsdp2"), ("elastic_4to2_lora", "ddp_lora")]
+    ("name", "reference"),
+    [
+        ("elastic_2to4", "fsdp2"),
+        ("elastic_2to1", "fsdp2"),
+        ("elastic_4to2_lora", "ddp_lora"),
+        ("elastic_1to2_lora", "ddp_lora"),
+    ],
 )
 def test_fsdp2_resumes_on_another_number_of_ranks(runs, tmp_path, name, reference):
     """A checkpoint written on N ranks resumes on M with the same global batch (DCP reshards on load):
