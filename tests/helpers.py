@@ -231,3 +231,4 @@ STRATEGIES[
     {},
     "FSDP",
 )
+STRATEGIES["zero1"] = (["--config_file", str(ACCEL / "zero1.yaml")], {}, "DEEPSPEED")

@@ -27,6 +27,7 @@ LORA = ("--peft", "--lr", "1e-2")
 NOT_METRICS = {"data_wait_seconds", "tokens_per_second", "train_runtime", "peak_memory_gb"}
 # name: (strategy, ranks before, ranks after, extra flags, the uninterrupted run to compare with)
 CASES = {
+    "zero1_2to1": ("zero1", 2, 1, (), "zero2_ref"),
     "zero2_2to1": ("zero2", 2, 1, (), "zero2_ref"),
     "zero2_2to4": ("zero2", 2, 4, (), "zero2_ref"),
     "zero3_1to2": ("zero3", 1, 2, (), "zero2_ref"),
