@@ -2,7 +2,7 @@
 converted to DeepSpeed's universal checkpoint and loaded with `load_universal`, with no user action
 beyond the new launch and a per-device batch that keeps the global batch (8 pairs per step).
 
-Each case: 5 steps on N ranks (checkpoint at step 4, then a "kill"), resumed on M ranks to step 8 with a
+ZeRO-1 2->1, ZeRO-2 2->1 and 2->4, ZeRO-3 1->2 and, LoRA, 2->1. Each case: 5 steps on N ranks (checkpoint at step 4, then a "kill"), resumed on M ranks to step 8 with a
 checkpoint at step 6. Asserted: steps 5-8 log the uninterrupted run's metrics (1e-5), train its pairs,
 every pair of the first epoch is trained exactly once across the two runs (Megatron-Bridge #5637), and
 Adam continued (step count 6 at step 6; moments equal to the uninterrupted run's). DeepSpeed #5405 (HF
