@@ -55,19 +55,13 @@ def imports(module: str, top_level_only: bool = False) -> set[str]:
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     found = set()
     for node in nodes:
-        if (
-            isinstance(node, ast.ImportFrom)
-            and node.level == 0
-            and (node.module or "").startswith("orpo_dist")
-        ):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("orpo_dist"):
             base = node.module.removeprefix("orpo_dist").removeprefix(".")
             for alias in node.names:
                 sub = f"{base}.{alias.name}".lstrip(".")
                 found.add(sub if sub in MODULES else base or "orpo_dist")
         elif isinstance(node, ast.Import):
-            found |= {
-                a.name.removeprefix("orpo_dist.") for a in node.names if a.name.startswith("orpo_dist.")
-            }
+            found |= {a.name.removeprefix("orpo_dist.") for a in node.names if a.name.startswith("orpo_dist.")}
     return found - {module}
 
 
@@ -79,9 +73,7 @@ def test_every_module_parses_and_the_rules_name_real_modules():
 @pytest.mark.parametrize("module", sorted(ONLY))
 def test_leaf_modules_import_only_what_they_may(module):
     extra = imports(module) - ONLY[module]
-    assert not extra, (
-        f"orpo_dist/{module}.py imports {sorted(extra)}; it may import only {sorted(ONLY[module])}"
-    )
+    assert not extra, f"orpo_dist/{module}.py imports {sorted(extra)}; it may import only {sorted(ONLY[module])}"
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
@@ -90,9 +82,7 @@ def test_packages_stay_inside_themselves(package):
         if module == package or module.startswith(package + "."):
             outside = {m for m in imports(module) if m != package and not m.startswith(package + ".")}
             outside -= PACKAGES[package]
-            assert not outside, (
-                f"orpo_dist/{module} imports {sorted(outside)}: {package} imports nothing else of ours"
-            )
+            assert not outside, f"orpo_dist/{module} imports {sorted(outside)}: {package} imports nothing else of ours"
 
 
 def test_the_top_modules_are_imported_only_from_above():

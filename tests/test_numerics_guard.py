@@ -56,15 +56,7 @@ def test_a_real_run_with_the_loss_moved_by_1e_4_fails_the_guard(tmp_path, monkey
     from orpo_dist import cli, loss, metrics
 
     def rows(out: Path) -> list[dict]:
-        argv = [
-            "--config",
-            str(guard.TINY),
-            "--output_dir",
-            str(out),
-            "--layout",
-            "padded",
-            *guard.LAYOUT_ARGS,
-        ]
+        argv = ["--config", str(guard.TINY), "--output_dir", str(out), "--layout", "padded", *guard.LAYOUT_ARGS]
         assert cli.main(argv) == 0
         lines = (out / "metrics.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(line).items() if k not in guard.TIMING_KEYS} for line in lines]

@@ -316,9 +316,7 @@ def test_the_real_process_reports_a_model_mistake_in_one_line(tmp_path):
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert (
-        assert_one_error_line(proc.stderr) == "orpo_dist: model=/nonexistent/model: no such local directory"
-    )
+    assert assert_one_error_line(proc.stderr) == "orpo_dist: model=/nonexistent/model: no such local directory"
 
 
 def test_a_bad_launch_is_one_line(tmp_path, capsys, monkeypatch, no_model_load):
