@@ -216,19 +216,10 @@ def launch(
     return Run(rc, log, out, rows, trace_rows, data)
 
 
-# FSDP2 over gloo on CPU ranks, launched as on GPUs (orpo_dist/distributed.py, the CPU shim)
-STRATEGIES["fsdp2"] = (["--config_file", str(ACCEL / "fsdp2.yaml")], {}, "FSDP")
-STRATEGIES[
-    "fsdp2_keep_ac"
-] = (  # parameters kept gathered after forward (ZeRO-2-like), activation checkpointing
-    [
-        *STRATEGIES["fsdp2"][0],
-        "--fsdp_reshard_after_forward",
-        "false",
-        "--fsdp_activation_checkpointing",
-        "true",
-    ],
-    {},
-    "FSDP",
-)
+# FSDP2 over gloo on CPU ranks, launched as on GPUs (orpo_dist/distributed.py, the CPU shim); and FSDP2 with
+# parameters kept gathered after forward (ZeRO-2-like) and activation checkpointing
+FSDP2_ARGS = ["--config_file", str(ACCEL / "fsdp2.yaml")]
+KEEP_AC = ["--fsdp_reshard_after_forward", "false", "--fsdp_activation_checkpointing", "true"]
+STRATEGIES["fsdp2"] = (FSDP2_ARGS, {}, "FSDP")
+STRATEGIES["fsdp2_keep_ac"] = ([*FSDP2_ARGS, *KEEP_AC], {}, "FSDP")
 STRATEGIES["zero1"] = (["--config_file", str(ACCEL / "zero1.yaml")], {}, "DEEPSPEED")
