@@ -11,7 +11,7 @@
 #                  num_processes, machine_rank and main_process_ip are overridden by the values above
 #   CONFIG         trainer YAML passed as --config (default: none)
 #   ORPO_CPU=1     CPU only (tests; ranks talk over gloo): --mixed_precision no, and ACCELERATE_USE_CPU=true
-#                  unless the config is DeepSpeed (which finds the CPU itself); FSDP configs are refused
+#                  unless the config is DeepSpeed or FSDP (which run over gloo without it)
 #   PYTHON (python), DRY_RUN=1 (print the command instead of running it)
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi

@@ -7,7 +7,7 @@
 #   NUM_PROCESSES  processes on this node (default: the GPUs nvidia-smi lists, else the config's value)
 #   CONFIG         trainer YAML passed as --config (default: none; no flags at all = the built-in quickstart)
 #   ORPO_CPU=1     CPU only (tests; ranks talk over gloo): --mixed_precision no, and ACCELERATE_USE_CPU=true
-#                  unless the config is DeepSpeed (which finds the CPU itself); FSDP configs are refused
+#                  unless the config is DeepSpeed or FSDP (which run over gloo without it)
 #   PYTHON         interpreter with orpo_dist installed (default: python)
 #   DRY_RUN=1      print the command instead of running it
 set -euo pipefail

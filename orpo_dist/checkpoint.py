@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType
 from orpo_dist.config import Config, ConfigError
 from orpo_dist.console import one_line
 from orpo_dist.distributed import all_sum, rank0_print
+from orpo_dist.elastic import universal_state
 from orpo_dist.resume import (
     COMPLETE_MARKER,
     STATE_FILE,
@@ -151,9 +152,9 @@ class Checkpointer:
         accelerator = self.accelerator
         state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3 / FSDP: every rank calls it
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(
-                path, state_dict=state_dict, safe_serialization=True
-            )
+            unwrapped = accelerator.unwrap_model(model)
+            if not _save_wrapped_adapter(unwrapped, state_dict, path):
+                unwrapped.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
             self.cfg.save(path / "orpo_config.yaml")
             write_prompt_format(path, self.data_format, self.cfg.data.chat_template)
@@ -174,8 +175,11 @@ class Checkpointer:
         if self.deepspeed:
             weights_only_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
         kwargs = {} if self.deepspeed else {"strict": not self.cfg.peft.use_peft}
+        state = point.path / "state"
+        if self.deepspeed and point.fingerprint.world_size != accelerator.num_processes:
+            state = universal_state(accelerator, point.path)  # ZeRO cut for another world size
         try:
-            accelerator.load_state(str(point.path / "state"), **kwargs)
+            accelerator.load_state(str(state), **kwargs)
         except RuntimeError as e:
             if "size mismatch" not in str(e) and "shape" not in str(e):
                 raise
@@ -230,3 +234,25 @@ def _keep_trainable_only(models, weights, output_dir) -> None:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         for key in [k for k in state if k not in trainable]:
             del state[key]
+
+
+CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+
+
+def _save_wrapped_adapter(model, state_dict: dict, path: Path) -> bool:
+    """A PEFT model whose layers accelerate wrapped for FSDP activation checkpointing: PEFT picks the adapter
+    by module names, which carry `_checkpoint_wrapped_module.`, while the gathered state dict's keys do not,
+    so PEFT's own save would write an empty adapter. Write the trainable entries with PEFT's key names
+    (adapter name dropped) and the adapter config. False (nothing written) for any other model."""
+    config = getattr(model, "peft_config", {}).get("default")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if config is None or not any(CHECKPOINT_WRAPPER in n for n in names):
+        return False
+    from safetensors.torch import save_file
+
+    trainable = {n.replace(CHECKPOINT_WRAPPER, "") for n in names}
+    adapter = {k.replace(".default.", "."): v.contiguous() for k, v in state_dict.items() if k in trainable}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(path)
+    return True

@@ -9,6 +9,9 @@ Pitfalls handled where they bite:
   think they are rank 0. `check_world_size` compares what the launcher asked for with the process
   group we got and stops loudly on a mismatch.
 - DeepSpeed on CPU needs the gloo backend (its batch-size check fails otherwise).
+- FSDP on CPU: accelerate turns an FSDP launch into DDP (`--cpu`) or a single-process job per rank (no
+  CUDA), although torch's `fully_shard` runs over gloo. `_fsdp_on_cpu` restores what the launch asked
+  for, so the GPU code path (`fsdp2_prepare_model`, sharded save/load) is the one that runs.
 - A failure during start-up on one rank must stop every rank (`agreed_start`), or the others wait in
   the next collective until `ddp_timeout`.
 """
@@ -58,6 +61,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         kwargs_handlers=kwargs,
         parallelism_config=sequence_parallel.parallelism_config(cfg),
     )
+    _fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         # our dataloader is not passed to prepare(), so tell DeepSpeed the micro-batch itself
@@ -73,6 +77,34 @@ def make_accelerator(cfg: Config) -> Accelerator:
             ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
             sequence_parallel.check_zero3(cfg, ds["zero_optimization"])
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """The CPU shim for FSDP (accelerate 1.16). A launch config with `distributed_type: FSDP` sets
+    ACCELERATE_USE_FSDP=true; on a machine without CUDA, accelerate's state still connects the ranks
+    (gloo, our InitProcessGroupKwargs) but records them as `NO` (one process each) and drops the FSDP
+    plugin: it only switches to FSDP from a MULTI_<accelerator> type. torch's `fully_shard` itself runs
+    over gloo, so this does what accelerate does on a GPU: record FSDP and hand the state the plugin
+    (read from the same environment). Everything after it, `accelerator.prepare` -> `fsdp2_prepare_model`,
+    `save_state`/`load_state` of sharded state, `get_state_dict`, is accelerate's unchanged GPU path.
+
+    Only then: no CUDA, the launch asked for FSDP, and the ranks are connected. `accelerate launch` starts
+    FSDP through torchrun even for one process, so a one-rank FSDP job is FSDP here as on one GPU (its
+    checkpoints are sharded ones, which resume on any number of ranks)."""
+    if (
+        torch.cuda.is_available()
+        or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+        or accelerator.distributed_type != DistributedType.NO
+        or not torch.distributed.is_initialized()
+    ):
+        return
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -105,8 +137,8 @@ def check_world_size(accelerator: Accelerator) -> None:
         if os.environ.get(env, "false").lower() == "true" and kind != wanted:
             raise SetupError(
                 f"the launch config asks for {wanted.value} ({env}=true) but accelerate is running {kind.value}. "
-                "ACCELERATE_USE_CPU=true turns DeepSpeed and FSDP off: launch DeepSpeed on CPU without it (the "
-                "trainer uses gloo); FSDP through accelerate does not run on CPU."
+                "ACCELERATE_USE_CPU=true turns DeepSpeed and FSDP off: launch them on CPU without it (the "
+                "trainer uses gloo and runs FSDP's sharding over it)."
             )
 
 
@@ -142,7 +174,21 @@ def describe(accelerator: Accelerator, cfg: Config) -> str:
     return (
         f"world_size={accelerator.num_processes} distributed={accelerator.distributed_type.value} "
         f"per_device_batch={t.batch_size} gradient_accumulation={t.gradient_accumulation} "
-        f"global_batch={t.batch_size * t.gradient_accumulation * dp} pairs/step" + (split if sp > 1 else "")
+        f"global_batch={t.batch_size * t.gradient_accumulation * dp} pairs/step"
+        + (split if sp > 1 else "")
+        + _fsdp_sharding(accelerator)
+    )
+
+
+def _fsdp_sharding(accelerator: Accelerator) -> str:
+    """How FSDP shards, for the start line ("" for other strategies)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return ""
+    p, n = accelerator.state.fsdp_plugin, accelerator.num_processes
+    return (
+        f" (FSDP{p.fsdp_version}: parameters, gradients and optimizer state sharded over "
+        f"{n} rank{'s' * (n > 1)} per decoder layer; reshard_after_forward={p.reshard_after_forward}, "
+        f"activation_checkpointing={p.activation_checkpointing}, checkpoints {p.state_dict_type.name})"
     )
 
 

@@ -5,9 +5,12 @@ float32 `[positions, vocab]` logits exist for one chunk at a time in forward and
 the whole `[2*batch, seq, vocab]` tensor. A plain `nn.Linear` head goes through `LinearTokenLogps`, which
 keeps only the per-row log-sum-exp and, in backward, recomputes each chunk's logits once and turns them
 into the gradient in place (one matmul recomputed, no autograd graph over vocab-wide tensors). A frozen
-head partitioned by DeepSpeed ZeRO-3 (LoRA runs) is gathered once per forward for the same kernel. Any
-other head (PEFT-wrapped, FSDP2-sharded, hooked, softcapped) is called as a module under activation
-checkpointing.
+head partitioned by DeepSpeed ZeRO-3 (LoRA runs) is gathered once per forward for the same kernel. An
+FSDP2-sharded linear head is unsharded (accelerate's FSDP2 keeps it so after the forward) and uses the
+kernel too: its weight's gradient goes to FSDP's unsharded parameter, which FSDP reduce-scatters at the
+end of backward. (Called as a module under checkpointing, its FSDP hooks would run again inside
+backward's recompute, which crashes.) Any other head (PEFT-wrapped, hooked, softcapped) is called as a
+module under activation checkpointing.
 """
 
 from __future__ import annotations
@@ -133,6 +136,12 @@ def _zero3_frozen_linear(lm_head: nn.Module) -> bool:
     )
 
 
+def _fsdp2_linear(lm_head: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(lm_head, FSDPModule) and isinstance(lm_head, nn.Linear)
+
+
 def token_logps(
     hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_size: int = 1024, fused: bool = True
 ) -> Tensor:
@@ -141,6 +150,9 @@ def token_logps(
     `fused=False` forces the generic path (module call under activation checkpointing).
     """
     if fused and hidden.shape[0] > 0 and _plain_linear(lm_head):
+        return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size)
+    if fused and hidden.shape[0] > 0 and _fsdp2_linear(lm_head):
+        lm_head.unshard()  # a no-op after the model's forward left it gathered
         return LinearTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size)
     if hidden.shape[0] > 0 and _zero3_frozen_linear(lm_head):
         # LoRA under ZeRO-3: the frozen head is partitioned, and re-partitioned again before a checkpointed

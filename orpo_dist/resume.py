@@ -9,9 +9,9 @@ new run before anything is loaded:
   position would point at other pairs or weights -> refused, with every value that differs;
 - another world size / per-device batch / accumulation with the same global batch: `PairShards`
   deals one global batch per step, so each step trains on the same pairs and the same gradient.
-  Supported where the saved state does not depend on the world size: one process and DDP (weights
-  and optimizer are saved whole). DeepSpeed ZeRO and FSDP partition the optimizer (and parameters)
-  by rank, so they resume only on the same world size and split -> refused otherwise.
+  One process and DDP save weights and optimizer whole; FSDP's sharded (DCP) checkpoints reshard on
+  load; DeepSpeed ZeRO checkpoints are converted to DeepSpeed's universal checkpoint (elastic.py).
+  Another strategy (say ZeRO -> DDP, or FSDP -> a plain `python` process) is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ WHOLE_STATE = {
     "MULTI_MUSA",
     "MULTI_HPU",
 }
+# distributed types whose sharded checkpoints load on another world size: FSDP's torch.distributed.checkpoint
+# (DCP) records each tensor's global shape and offsets and reshards on load; DeepSpeed ZeRO is converted to
+# its universal checkpoint first (elastic.py)
+RESHARDED_ON_LOAD = {"FSDP", "DEEPSPEED"}
 
 
 @dataclass
@@ -242,7 +246,7 @@ def check_settings(point: ResumePoint, now: Fingerprint) -> None:
     kinds = {saved.strategy, now.strategy}
     if len(kinds) > 1 and not kinds <= WHOLE_STATE:
         problems.append(f"strategy {saved.strategy} -> {now.strategy}")
-    elif changed and not kinds <= WHOLE_STATE:
+    elif changed and not (kinds <= WHOLE_STATE or kinds <= RESHARDED_ON_LOAD):
         problems.append(
             f"{', '.join(changed)} under {now.strategy} (its optimizer state is partitioned by rank: resume on "
             "the same world size and split)"

@@ -184,10 +184,16 @@ class Run:
 
 
 def launch(
-    tmp: Path, name: str, strategy: str | None, model_dir: Path, *overrides: str, out: Path | None = None
+    tmp: Path,
+    name: str,
+    strategy: str | None,
+    model_dir: Path,
+    *overrides: str,
+    out: Path | None = None,
+    ranks: int = 2,
 ) -> Run:
-    """One training run: `strategy` None is a plain single process; else 2 ranks under accelerate launch
-    (STRATEGIES). Every rank's trace (`ORPO_DIST_TRACE_DIR`) says which pairs it trained on."""
+    """One training run: `strategy` None is a plain single process; else `ranks` ranks under accelerate
+    launch (STRATEGIES). Every rank's trace (`ORPO_DIST_TRACE_DIR`) says which pairs it trained on."""
     out = out or tmp / name
     trace = tmp / f"trace-{name}"
     trace.mkdir(parents=True)
@@ -199,7 +205,7 @@ def launch(
     else:
         args, strategy_env, _ = STRATEGIES[strategy]
         env.update(strategy_env)
-        cmd = accelerate_cmd(2, *args, *train)
+        cmd = accelerate_cmd(ranks, *args, *train)
     rc, log = run_process([*cmd, *overrides], env, cwd=tmp, timeout=LAUNCH_TIMEOUT)
     trace_rows = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
     # a resume keeps the rows up to its checkpoint and logs the steps after it (each step once)
@@ -208,3 +214,12 @@ def launch(
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] > start]
     data = {row["rank"]: row for f in trace.glob("data_rank*.json") for row in read_jsonl(f)}
     return Run(rc, log, out, rows, trace_rows, data)
+
+
+# FSDP2 over gloo on CPU ranks, launched as on GPUs (orpo_dist/distributed.py, the CPU shim); and FSDP2 with
+# parameters kept gathered after forward (ZeRO-2-like) and activation checkpointing
+FSDP2_ARGS = ["--config_file", str(ACCEL / "fsdp2.yaml")]
+KEEP_AC = ["--fsdp_reshard_after_forward", "false", "--fsdp_activation_checkpointing", "true"]
+STRATEGIES["fsdp2"] = (FSDP2_ARGS, {}, "FSDP")
+STRATEGIES["fsdp2_keep_ac"] = ([*FSDP2_ARGS, *KEEP_AC], {}, "FSDP")
+STRATEGIES["zero1"] = (["--config_file", str(ACCEL / "zero1.yaml")], {}, "DEEPSPEED")

@@ -5,7 +5,8 @@
 Runs `orpo_dist.trainer.Trainer(cfg, preempt).train()` (the launch decides the world and the strategy), with two
 taps that change nothing: the full gradient of every trainable parameter at the moment the first optimizer
 step starts (after accumulation and the reduction over ranks; `deepspeed.utils.safe_get_full_grad` under
-ZeRO), and the pair ids of every step's micro-batches. Each rank writes OUT_DIR/rank<r>.pt: its world size,
+ZeRO, the gathered DTensor under FSDP2), the bytes of parameters, gradients and optimizer state this rank
+holds, and the pair ids of every step's micro-batches. Each rank writes OUT_DIR/rank<r>.pt: its world size,
 sequence-parallel size and place, data-parallel rank, pair ids per step, the tokens of its micro-batches,
 the logged metric rows (rank 0) and the first step's gradients. Plain tensors and numbers only (read back
 with `torch.load(weights_only=True)`).
@@ -40,8 +41,8 @@ def _run(out: Path, trainer: Trainer) -> dict:
     steps: list[dict] = []
 
     def full_grad(p: torch.nn.Parameter) -> torch.Tensor:
-        if engine_optimizer is None:
-            return p.grad
+        if engine_optimizer is None:  # FSDP2: a DTensor shard of the reduced gradient
+            return p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         from deepspeed.utils import safe_get_full_grad
 
         return safe_get_full_grad(p)
@@ -52,6 +53,7 @@ def _run(out: Path, trainer: Trainer) -> dict:
                 for name, p in model.named_parameters():
                     if p.requires_grad:
                         grads[name] = full_grad(p).detach().float().clone().cpu()
+                        held["grad"] += local_bytes(p.grad)
             return original(*args, **kwargs)
 
         return step
@@ -64,9 +66,13 @@ def _run(out: Path, trainer: Trainer) -> dict:
 
         return optimizer_step
 
+    held = {"param": sum(local_bytes(p) for p in model.parameters()), "grad": 0}
     stepper.step = first_step_grads(stepper.step)
     trainer.optimizer_step = recorded(trainer.optimizer_step)
     result = trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    states = inner.state.values() if engine_optimizer is None else []
+    held["optimizer"] = sum(local_bytes(v) for state in states for v in state.values())
     sp_rank, sp = slice_of(accelerator)
     record = {
         "world_size": accelerator.num_processes,
@@ -78,10 +84,19 @@ def _run(out: Path, trainer: Trainer) -> dict:
         "steps": steps,
         "rows": result.metrics,
         "grads": grads,
+        "bytes": held,  # this rank's parameter / gradient / optimizer-state bytes (not DeepSpeed's)
     }
     out.mkdir(parents=True, exist_ok=True)
     torch.save(record, out / f"rank{accelerator.process_index}.pt")
     return record
+
+
+def local_bytes(t) -> int:
+    """Bytes this rank holds of a tensor: its shard of an FSDP2 DTensor, else all of it."""
+    if not isinstance(t, torch.Tensor):
+        return 0
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_flash_or_sdpa_attention_matches_eager_logps(tmp_path):
 
 
 def test_fsdp2_one_process_wraps_saves_and_loads(tmp_path):
-    """FSDP2 through accelerate does not run on CPU; one CUDA process proves wrapping, saving, loading."""
+    """FSDP2 on one CUDA process: wrapping, saving, loading (2-rank CPU runs are tests/test_fsdp2.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/fsdp2.yaml"),

@@ -127,3 +127,51 @@ def test_two_nodes_train_checkpoint_and_finish_together(
         assert data[0]["built"] and not data[1]["built"], data
         assert data[0]["directory"] == data[1]["directory"] and data[0]["directory"].startswith(str(out))
     assert logs.count("tokenised cache: miss: building") == 1 + node_local_cache
+
+
+def test_a_two_node_job_requeued_on_one_node_continues_with_the_same_global_batch(tmp_path, tiny_model_dir):
+    """A 2-node ZeRO-3 job stopped one step after its step-4 checkpoint, requeued on 1 node (1 process,
+    --batch_size 4: the same 8 pairs per step): it converts the checkpoint (universal), retrains step 5 to
+    the first job's numbers and trains each pair of the first epoch exactly once over both jobs."""
+    out, trace = tmp_path / "out", tmp_path / "trace"
+    trace.mkdir()
+    common = dict(
+        GPUS_PER_NODE="1",
+        MASTER_ADDR="127.0.0.1",
+        RDZV_ID=f"orpo-test-{os.getpid()}",
+        PYTHON=sys.executable,
+        PATH=os.environ["PATH"],
+        ORPO_DIST_TRACE_DIR=str(trace),
+        ORPO_CPU="1",
+        ACCEL_CONFIG=str(ACCEL / "zero3.yaml"),
+    )
+    args = ["--config", str(TINY_YAML), "--model", str(tiny_model_dir), "--output_dir", str(out)]
+    port = str(free_port())
+    two = [launch_env(**common, NNODES="2", NODE_RANK=str(r), MASTER_PORT=port) for r in (0, 1)]
+    results = run_nodes("multi_node_accelerate.sh", two, [*args, "--max_steps", str(SAVE_AT + 1)], tmp_path)
+    assert all(rc == 0 for rc, _ in results), results[0][1][-4000:]
+    first_rows = read_jsonl(out / "metrics.jsonl")
+    first_trace = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
+    for f in trace.glob("*"):
+        f.unlink()
+
+    one = [launch_env(**common, NNODES="1", NODE_RANK="0", MASTER_PORT=str(free_port()))]
+    ((rc, log),) = run_nodes(
+        "multi_node_accelerate.sh", one, [*args, "--batch_size", "4", "--resume", "auto"], tmp_path
+    )
+    assert rc == 0, log[-5000:]
+    assert (
+        "world_size=1 distributed=DEEPSPEED per_device_batch=4 gradient_accumulation=2 global_batch=8" in log
+    )
+    assert f"resumed from {out / f'checkpoint-{SAVE_AT}'} at step {SAVE_AT}" in log
+    rows = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl")}
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    step5 = next(r for r in first_rows if r["step"] == SAVE_AT + 1)
+    for key in ("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "grad_norm"):
+        assert abs(rows[SAVE_AT + 1][key] - step5[key]) <= 1e-5, (key, rows[SAVE_AT + 1][key], step5[key])
+    again = [row for f in sorted(trace.glob("rank*.jsonl")) for row in read_jsonl(f)]
+    assert {r["world_size"] for r in first_trace} == {2} and {r["world_size"] for r in again} == {1}
+    epoch1 = [i for r in first_trace if r["step"] <= SAVE_AT for i in r["ids"]]
+    epoch1 += [i for r in again if r["step"] == SAVE_AT + 1 for i in r["ids"]]
+    assert sorted(epoch1) == list(range(N_PAIRS))
+    assert (out / "final" / "config.json").exists()

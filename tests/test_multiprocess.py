@@ -6,8 +6,7 @@ unconnected ones (docs/architecture.md, "Where rank-aware code lives"). Launch r
 - DDP:        ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/multi_gpu.yaml
 - DeepSpeed:  accelerate launch --config_file configs/accelerate/zero{2,3}.yaml, WITHOUT ACCELERATE_USE_CPU
               (it turns DeepSpeed off: accelerate would quietly run plain DDP); the trainer picks gloo.
-both with --num_processes 2 --mixed_precision no. FSDP through accelerate does not run on CPU: it is
-checked on the GPU machine, not here.
+both with --num_processes 2 --mixed_precision no. FSDP2 (launched as DeepSpeed is) is in test_fsdp2.py.
 
 The first DeepSpeed launch on a machine compiles a small extension (~80 s); later ones reuse it.
 """

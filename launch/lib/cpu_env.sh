@@ -2,13 +2,12 @@
 # for the accelerate config in $ACCEL_CONFIG. Defines ORPO_CPU_ARGS (extra accelerate launch flags).
 #   DDP:       ACCELERATE_USE_CPU=true gives real ranks over gloo (--cpu / MULTI_CPU would not connect them)
 #   DeepSpeed: nothing; DeepSpeed picks its CPU accelerator, and ACCELERATE_USE_CPU would make it plain DDP
-#   FSDP:      refused; FSDP2 through accelerate does not train on CPU (docs/architecture.md)
+#   FSDP:      nothing, as DeepSpeed: ACCELERATE_USE_CPU would make it plain DDP; the trainer runs FSDP2 over
+#              gloo (orpo_dist/distributed.py, docs/elastic-and-fsdp2.md)
 ORPO_CPU_ARGS=()
 if [[ ${ORPO_CPU:-0} == 1 ]]; then
     case $(sed -n 's/^distributed_type: *"\{0,1\}\([A-Z_]*\).*/\1/p' "$ACCEL_CONFIG") in
-        FSDP) echo "ORPO_CPU=1: FSDP2 does not train on CPU through accelerate (one variant runs but never syncs gradients); use DDP or DeepSpeed" >&2
-              exit 2 ;;
-        DEEPSPEED) ;;
+        DEEPSPEED|FSDP) ;;
         *) export ACCELERATE_USE_CPU=true ;;
     esac
     ORPO_CPU_ARGS=(--mixed_precision no)
