@@ -1,9 +1,9 @@
 """Checkpoints: save (atomically), rotate and resume, so a run stopped at any step continues bit for bit.
 
-`checkpoint-<step>/` holds `state/` (accelerate's `save_state`: model or adapter, optimizer, RNG),
-`orpo_state.json` (our `Progress` -- the data position --, the scheduler, the run's `Fingerprint`;
-JSON, so resuming never unpickles our own state), `model/` (weights or adapter in safetensors,
-tokenizer, the run's config, how prompts were rendered) and `COMPLETE`. A save is written to a hidden sibling,
+What a checkpoint holds on disk is laid out in run_dir.py (the one home of those names): `state/`
+(accelerate's `save_state`), `orpo_state.json` (our `Progress` -- the data position --, the scheduler,
+the run's `Fingerprint`; JSON, so resuming never unpickles our own state), `model/` (weights or adapter
+in safetensors, tokenizer, how prompts were rendered) and `COMPLETE`. A save is written to a hidden sibling,
 `.checkpoint-<step>.partial/`, and renamed into place by rank 0 after every rank has finished, with
 `COMPLETE` already inside: a crash at any moment leaves either the old checkpoint or the new one
 complete, never a half-new one marked complete. Weights are gathered across ranks by accelerate (a
@@ -29,18 +29,20 @@ from orpo_dist.config import Config, ConfigError
 from orpo_dist.console import one_line
 from orpo_dist.distributed import all_sum, rank0_print
 from orpo_dist.elastic import universal_state
-from orpo_dist.resume import (
+from orpo_dist.resume import Fingerprint, ResumePoint, state_json
+from orpo_dist.run_dir import (
     COMPLETE_MARKER,
+    MODEL_DIR,
+    STATE_DIR,
     STATE_FILE,
-    Fingerprint,
-    ResumePoint,
+    checkpoint_dir,
     complete_checkpoints,
-    state_json,
+    partial_dir,
 )
 from orpo_dist.safe_load import audit_checkpoint, weights_only_deepspeed
 from orpo_dist.templates import write_prompt_format
 
-__all__ = ["COMPLETE_MARKER", "Checkpointer", "CheckpointError", "Progress", "complete_checkpoints"]
+__all__ = ["Checkpointer", "CheckpointError", "Progress"]
 
 
 class CheckpointError(RuntimeError):
@@ -93,14 +95,14 @@ class Checkpointer:
         errors) fails the save on every rank, each at the same point, so none is left waiting; the partial
         directory is removed and its space freed."""
         accelerator, step = self.accelerator, self.progress.global_step
-        path, partial = self.out / f"checkpoint-{step}", self.out / f".checkpoint-{step}.partial"
+        path, partial = checkpoint_dir(self.out, step), partial_dir(self.out, step)
 
         def write() -> None:
             if accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)  # what a crash during an earlier save left
             accelerator.wait_for_everyone()
-            accelerator.save_state(str(partial / "state"))
-            self.save_model(model, partial / "model")
+            accelerator.save_state(str(partial / STATE_DIR))
+            self.save_model(model, partial / MODEL_DIR)
 
         def publish() -> None:
             if accelerator.is_main_process:
@@ -171,11 +173,11 @@ class Checkpointer:
     def load(self, point: ResumePoint) -> None:
         """Load a checkpoint (checked by resume.py, audited here) into the model, optimizer, scheduler, RNG."""
         accelerator = self.accelerator
-        audit_checkpoint(point.path / "state")
+        audit_checkpoint(point.path / STATE_DIR)
         if self.deepspeed:
             weights_only_deepspeed(accelerator.deepspeed_engine_wrapped.engine)
         kwargs = {} if self.deepspeed else {"strict": not self.cfg.peft.use_peft}
-        state = point.path / "state"
+        state = point.path / STATE_DIR
         if self.deepspeed and point.fingerprint.world_size != accelerator.num_processes:
             state = universal_state(accelerator, point.path)  # ZeRO cut for another world size
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from orpo_dist.distributed import agreed_start
+from orpo_dist.run_dir import STATE_DIR, UNIVERSAL_DIR
 from orpo_dist.safe_load import audit_checkpoint
 
 TAG = "pytorch_model"  # accelerate's save_state: state/pytorch_model/ holds DeepSpeed's files
@@ -31,14 +32,14 @@ TAG = "pytorch_model"  # accelerate's save_state: state/pytorch_model/ holds Dee
 def universal_state(accelerator: Accelerator, checkpoint: Path) -> Path:
     """The directory for `load_state` of a ZeRO checkpoint written on another world size: its universal
     form, made by rank 0 (the others wait), audited, and the engine set to load it."""
-    out = checkpoint / "universal"
+    out = checkpoint / UNIVERSAL_DIR
 
     def convert():
         from deepspeed.checkpoint.ds_to_universal import main
 
         shutil.rmtree(out, ignore_errors=True)  # never trust a conversion left from before
         args = Namespace(
-            input_folder=str(checkpoint / "state" / TAG),
+            input_folder=str(checkpoint / STATE_DIR / TAG),
             output_folder=str(out / TAG),
             num_extract_workers=1,
             num_merge_workers=1,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from orpo_dist.config import Config
-from orpo_dist.resume import complete_checkpoints
+from orpo_dist.run_dir import complete_checkpoints
 
 DIVERGENCE_FACTOR = 3.0  # loss above this multiple of its first logged value: warn
 GRAD_NORM_WARN = 1e3  # a pre-clipping gradient norm above this usually precedes a blow-up

@@ -20,6 +20,7 @@ import torch
 from orpo_dist.config import Config, ConfigError
 from orpo_dist.paths import check_model_out
 from orpo_dist.resume import ResumePoint, check_settings, find_resume_point, run_fingerprint
+from orpo_dist.run_dir import STATE_DIR
 
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 
@@ -34,7 +35,7 @@ def check_run(cfg: Config, world_size: int, strategy: str) -> ResumePoint | None
 
         check_settings(point, run_fingerprint(cfg, world_size, strategy))
         try:
-            audit_checkpoint(point.path / "state")
+            audit_checkpoint(point.path / STATE_DIR)
         except UnsafeCheckpoint as e:
             raise ConfigError(str(e)) from None
     if cfg.model.dtype == "float16" and not cfg.peft.use_peft and strategy != "DEEPSPEED":

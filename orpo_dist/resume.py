@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from orpo_dist.config import Config, ConfigError
+from orpo_dist.run_dir import COMPLETE_MARKER, STATE_FILE, complete_checkpoints
 
-COMPLETE_MARKER = "COMPLETE"
-STATE_FILE = "orpo_state.json"  # progress, scheduler, fingerprint: JSON, never a pickle
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # distributed types whose checkpoints hold whole weights and optimizer state (any world size can load them)
 WHOLE_STATE = {
     "NO",
@@ -131,24 +128,6 @@ class ResumePoint:
     @property
     def step(self) -> int:
         return self.state["progress"]["global_step"]
-
-
-def complete_checkpoints(out: Path) -> list[Path]:
-    """`checkpoint-<step>/` directories whose save finished on every rank, oldest first.
-
-    Anything else (`checkpoint-8-copy`, a half-written save, a file) is ignored, and so is a symlink:
-    resuming and rotation never follow one out of the run (rotation would delete what it points to).
-    """
-    found = [
-        p
-        for p in Path(out).glob("checkpoint-*")
-        if CHECKPOINT_NAME.match(p.name)
-        and not p.is_symlink()
-        and p.is_dir()
-        and not (p / COMPLETE_MARKER).is_symlink()
-        and (p / COMPLETE_MARKER).is_file()
-    ]
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
 
 
 def find_resume_point(cfg: Config) -> ResumePoint | None:

@@ -458,7 +458,7 @@ def test_an_empty_output_dir_is_refused(value):
 
 
 def _fake_checkpoint(path: Path, step: int) -> Path:
-    from orpo_dist.resume import COMPLETE_MARKER
+    from orpo_dist.run_dir import COMPLETE_MARKER
 
     path.mkdir(parents=True)
     (path / COMPLETE_MARKER).write_text(json.dumps({"epoch": 0, "step_in_epoch": step, "global_step": step}))
@@ -469,7 +469,8 @@ def _fake_checkpoint(path: Path, step: int) -> Path:
 def test_rotation_and_resume_never_follow_a_checkpoint_symlink_out_of_the_run(tmp_path):
     from orpo_dist.checkpoint import Checkpointer
     from orpo_dist.config import ConfigError, load_config
-    from orpo_dist.resume import complete_checkpoints, find_resume_point
+    from orpo_dist.resume import find_resume_point
+    from orpo_dist.run_dir import complete_checkpoints
 
     out = tmp_path / "run"
     elsewhere = _fake_checkpoint(tmp_path / "elsewhere" / "checkpoint-1", 1)
@@ -516,7 +517,7 @@ def test_a_full_disk_during_a_checkpoint_save_removes_the_partial_directory(
 
     import orpo_dist
     from orpo_dist.checkpoint import Checkpointer, CheckpointError
-    from orpo_dist.resume import complete_checkpoints
+    from orpo_dist.run_dir import complete_checkpoints
 
     real = Checkpointer.save_model
 

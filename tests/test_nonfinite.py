@@ -19,7 +19,7 @@ import orpo_dist
 from orpo_dist.config import SECTIONS, ConfigError, load_config
 from orpo_dist.health import GRAD_NORM_WARN, Health, NonFiniteError, non_finite
 from orpo_dist.loss import OrpoParts
-from orpo_dist.resume import complete_checkpoints
+from orpo_dist.run_dir import complete_checkpoints
 
 FLOAT_KEYS = [
     f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls) if f.type in (float, "float")

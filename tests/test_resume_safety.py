@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import orpo_dist
 from orpo_dist.checkpoint import Checkpointer
 from orpo_dist.config import ConfigError
-from orpo_dist.resume import complete_checkpoints
+from orpo_dist.run_dir import complete_checkpoints
 
 # 18 pairs, 4 held out: 14 over a global batch of 4 (2 x 2) are 4 steps per epoch, the last one ragged;
 # 8 steps are 2 epochs; eval every 2 steps
