@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clean clone without installing
+from orpo_dist.cpu_launch import cpu_model  # noqa: E402
 
 # name: (hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddings)
 SHAPES = {
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
         failures += [f"{shape}/{r['run']}: first-step loss differs from TRL by {r['loss_rel_diff']:.2e} (> {rtol})"
                      for r in rows if r.get("loss_rel_diff", 0) > rtol]  # fmt: skip
     md = table(all_rows, args.device)
-    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, torch threads {threads()}; {versions()}"
+    machine = f"{cpu_model()}, {os.cpu_count()} CPUs, torch threads {threads()}; {versions()}"
     if args.device == "cuda":
         machine = f"{all_rows[0]['gpu']}; host {machine}"
     cmd = "python bench/orpo_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -372,16 +372,6 @@ def threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> str:

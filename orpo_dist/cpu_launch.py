@@ -8,6 +8,7 @@ Not used by training itself; it imports nothing else of orpo_dist.
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import sys
 from pathlib import Path
@@ -65,3 +66,14 @@ def accelerate_cmd(num_processes: int, *args: str, config: str | Path | None = N
         cmd += ["--config_file", str(config)]
     cmd += ["--num_processes", str(num_processes), "--mixed_precision", "no"]
     return [*cmd, "--main_process_port", str(free_port()), *args]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (benchmarks name the machine; another CPU sums floats in another order)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from orpo_dist.cpu_launch import accelerate_cmd, cpu_env
+from orpo_dist.cpu_launch import accelerate_cmd, cpu_env, cpu_model
 from orpo_dist.metrics import WALL_CLOCK_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,26 +114,13 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
 
-    found = {"python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_model()}
+    found = {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model()}
     for lib in LIBRARIES:
         try:
             found[lib] = md.version(lib)
         except md.PackageNotFoundError:
             found[lib] = "not installed"
     return found
-
-
-def _cpu_model() -> str:
-    """The CPU's model name: another CPU sums in another order (its BLAS kernels), so long runs drift."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def close(want, got, key: str = "") -> bool:

@@ -223,3 +223,23 @@ KEEP_AC = ["--fsdp_reshard_after_forward", "false", "--fsdp_activation_checkpoin
 STRATEGIES["fsdp2"] = (FSDP2_ARGS, {}, "FSDP")
 STRATEGIES["fsdp2_keep_ac"] = ([*FSDP2_ARGS, *KEEP_AC], {}, "FSDP")
 STRATEGIES["zero1"] = (["--config_file", str(ACCEL / "zero1.yaml")], {}, "DEEPSPEED")
+
+
+def per_rank(ranks: int) -> tuple[str, ...]:
+    """--batch_size that keeps the tiny run's global batch of 8 (accumulation 2) on `ranks` ranks."""
+    return ("--batch_size", str(8 // (2 * ranks)))
+
+
+class LaunchedRuns:
+    """Named launched runs, each made once per module on first use (subclasses say how, in `_make`)."""
+
+    def __init__(self, tmp: Path, model_dir: Path):
+        self.tmp, self.model_dir, self.cache = tmp, model_dir, {}
+
+    def __getitem__(self, name: str):
+        if name not in self.cache:
+            self.cache[name] = self._make(name)
+        return self.cache[name]
+
+    def _make(self, name: str):
+        raise NotImplementedError

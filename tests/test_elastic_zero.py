@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import N_PAIRS, SAVE_AT, STEPS, launch
+from helpers import N_PAIRS, SAVE_AT, STEPS, LaunchedRuns, launch, per_rank
 
 from orpo_dist.safe_load import SAFE_GLOBALS, _resolve
 
@@ -35,19 +35,7 @@ CASES = {
 }
 
 
-def per_rank(ranks: int) -> tuple[str, ...]:
-    return ("--batch_size", str(8 // (2 * ranks)))
-
-
-class Runs:
-    def __init__(self, tmp: Path, model_dir: Path):
-        self.tmp, self.model_dir, self.cache = tmp, model_dir, {}
-
-    def __getitem__(self, name: str):
-        if name not in self.cache:
-            self.cache[name] = self._make(name)
-        return self.cache[name]
-
+class Runs(LaunchedRuns):
     def _make(self, name: str):
         tmp, model = self.tmp, self.model_dir
         if name == "zero2_ref":  # uninterrupted, checkpoints at 4 and 6

@@ -28,10 +28,12 @@ from helpers import (
     SAVE_AT,
     STEPS,
     TINY_YAML,
+    LaunchedRuns,
     Run,
     accelerate_cmd,
     launch,
     launch_env,
+    per_rank,
     run_process,
 )
 from safetensors.torch import load_file
@@ -55,21 +57,8 @@ ELASTIC = {
 }
 
 
-def per_rank(ranks: int) -> tuple[str, ...]:
-    """--batch_size that keeps the tiny run's global batch of 8 (accumulation 2) on `ranks` ranks."""
-    return ("--batch_size", str(8 // (2 * ranks)))
-
-
-class Runs:
+class Runs(LaunchedRuns):
     """Each named run is launched once per module, on first use."""
-
-    def __init__(self, tmp: Path, model_dir: Path):
-        self.tmp, self.model_dir, self.cache = tmp, model_dir, {}
-
-    def __getitem__(self, name: str):
-        if name not in self.cache:
-            self.cache[name] = self._make(name)
-        return self.cache[name]
 
     def _make(self, name: str):
         tmp, model = self.tmp, self.model_dir
