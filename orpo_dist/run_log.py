@@ -32,7 +32,7 @@ def how_it_runs(accelerator: Accelerator, cfg: Config) -> str:
         strategy = f"FSDP{version} ({sharding})"
     precision = accelerator.mixed_precision
     return (
-        f"precision {precision if precision != 'no' else 'the weights dtype (no mixed precision)'}; "
+        f"precision {precision if precision != 'no' else 'as the weights (no mixed precision)'}; "
         f"strategy {strategy} "
         f"over {accelerator.num_processes} process(es); sequence parallel size {cfg.train.sequence_parallel_size}"
     )

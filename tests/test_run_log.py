@@ -29,7 +29,7 @@ def test_a_run_prints_its_setup_each_logged_step_and_its_throughput(tmp_path, ti
                              log="tensorboard"))  # fmt: skip
     captured = capsys.readouterr()
     out = captured.out
-    assert "precision the weights dtype (no mixed precision); strategy none (one process) over 1 process(es); " \
+    assert "precision as the weights (no mixed precision); strategy none (one process) over 1 process(es); " \
            "sequence parallel size 1" in out  # fmt: skip
     steps = re.findall(r"^\[orpo_dist\] step (\d+): loss [\d.]+ \|", out, flags=re.M)
     assert steps == ["2", "4"]
