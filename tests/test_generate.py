@@ -18,8 +18,8 @@ from helpers import (
     ACCEL,
     REPO,
     TINY_YAML,
+    accelerate_cmd,
     conversations_jsonl,
-    free_port,
     launch_env,
     read_jsonl,
     run_process,
@@ -413,8 +413,7 @@ def _launch(tmp: Path, strategy: str, model_dir: Path, samples: int) -> tuple[Pa
     args, strategy_env, distributed = STRATEGIES[strategy]
     out, trace = tmp / f"{strategy}-{samples}", tmp / f"trace-{strategy}-{samples}"
     trace.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "orpo_dist.train",
+    cmd = [*accelerate_cmd(2, *args), "-m", "orpo_dist.train",
            "--config", str(TINY_YAML), "--model", str(model_dir), "--output_dir", str(out), "--eval_split", "0.2",
            "--eval_on_start", "true", "--eval_steps", "4", "--max_samples", "40", "--sample_prompts", str(samples)]  # fmt: skip
     rc, log = run_process(

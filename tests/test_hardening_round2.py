@@ -975,14 +975,11 @@ def test_the_upload_retry_refuses_what_is_not_a_finished_run(tmp_path, capsys):
 
 
 def _two_ranks(tmp_path, model_dir, fault: str, *flags: str, **env: str) -> tuple[int, str, Path]:
-    import sys
 
-    from helpers import ACCEL, REPO, TINY_YAML, free_port, launch_env, run_process
+    from helpers import ACCEL, REPO, TINY_YAML, accelerate_cmd, launch_env, run_process
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "multi_gpu.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           str(REPO / "tests" / "fault_inject.py"), "--config", str(TINY_YAML), "--model", str(model_dir),
+    cmd = [*accelerate_cmd(2, config=ACCEL / "multi_gpu.yaml"), str(REPO / "tests" / "fault_inject.py"), "--config", str(TINY_YAML), "--model", str(model_dir),
            "--output_dir", str(out), *flags]  # fmt: skip
     launch = launch_env(ACCELERATE_USE_CPU="true", ORPO_TEST_FAULT=fault, **env)
     if "HF_TOKEN" in env:
