@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clean clone without installing
-from orpo_dist.cpu_launch import accelerate_cmd, cpu_env  # noqa: E402
+from orpo_dist.cpu_launch import accelerate_cmd, cpu_env, cpu_model  # noqa: E402
 
 DATA = dict(max_length=512, max_prompt_length=256, eval_split=0.01, seed=1, model="builtin:tiny")
 
@@ -311,10 +311,10 @@ def main(argv=None) -> int:
             codes = {"before": export_ref(args.before, work / "before"), **codes}
         data_rows = measure_data(args, work, codes)
         wait_rows = measure_wait(args, work, ROOT) if args.train_steps else []
-    from orpo_bench import cpu_name, versions  # bench/ is this script's directory
+    from orpo_bench import versions  # bench/ is this script's directory
 
     text = tables(data_rows, wait_rows)
-    header = (f"# Data stage, CPU ({cpu_name()}, {os.cpu_count()} cores, shared; {versions()})\n\n"
+    header = (f"# Data stage, CPU ({cpu_model()}, {os.cpu_count()} cores, shared; {versions()})\n\n"
               f"`python bench/data_bench.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "data_cpu.md").write_text(header + text)
