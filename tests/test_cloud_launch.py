@@ -99,9 +99,9 @@ def substitute(text: str, mounts: dict[str, Path]) -> str:
 
 def tiny_config(path: Path, model_dir: Path, **overrides) -> Path:
     """The CPU run that stands in for the file's config (same place, other content)."""
-    extra = {"model": str(model_dir), **overrides}
+    config = {**yaml.safe_load(TINY_YAML.read_text()), "model": str(model_dir), **overrides}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(TINY_YAML.read_text() + "".join(f"{k}: {v}\n" for k, v in extra.items()))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # each key once: a key given twice is refused
     return path
 
 
