@@ -136,7 +136,7 @@ class ORPOTrainer:
 
     def _built(self):
         if self._trainer is None:
-            from orpo_dist.distributed import Preemption
+            from orpo_dist.preemption import Preemption
             from orpo_dist.trainer import Trainer
 
             self._preemption = Preemption(None)

@@ -41,6 +41,9 @@ def test_wandb_without_a_key_goes_offline_with_a_notice(tmp_path, monkeypatch, c
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc login either
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # wandb keeps process-wide settings from an earlier in-process run (WANDB_MODE=disabled)
     orpo_dist.train(tiny_run(tmp_path / "out", **RUN, log="wandb", run_name="t"))
     out = capsys.readouterr().out
     assert "wandb: offline (no API key found): run " in out and "upload it with: wandb sync " in out
