@@ -124,3 +124,27 @@ def test_a_forbidden_arrow_is_seen(tmp_path, monkeypatch):
     fake.write_text("import torch\nfrom orpo_dist.config import Config\n")
     monkeypatch.setitem(MODULES, "loss", fake)
     assert imports("loss") == {"config"}
+
+
+def test_every_import_of_ours_names_something_that_exists():
+    """Imports inside functions run only when that path runs: a name moved to another module (say
+    `Preemption` out of distributed.py) would fail there, late. Every `from orpo_dist... import name` in the
+    package, the tests, bench/ and scripts/ must resolve now."""
+    import importlib
+
+    repo = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *(repo / "tests").glob("*.py"), *(repo / "bench").glob("*.py"),
+             *(repo / "scripts").glob("*.py")]  # fmt: skip
+    missing = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("orpo_dist")):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if alias.name != "*" and not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        missing.append(f"{path.relative_to(repo)}:{node.lineno}: {node.module} has no {alias.name}")
+    assert not missing, missing
