@@ -16,8 +16,10 @@ from orpo_dist.console import one_line
 
 
 def fail(message: str, code: int) -> int:
-    """Print `orpo_dist: <message>` as one line on stderr; return the exit code."""
-    print(f"orpo_dist: {one_line(message)}", file=sys.stderr, flush=True)
+    """Print `orpo_dist: <message>` as one line on stderr; return the exit code. The line and its newline
+    go out in one write: stderr writes through, and ranks sharing a log would otherwise splice their lines."""
+    sys.stderr.write(f"orpo_dist: {one_line(message)}\n")
+    sys.stderr.flush()
     return code
 
 

@@ -25,8 +25,7 @@ import torch
 
 from orpo_dist.config import EXPORT_FORMATS as FORMATS
 from orpo_dist.config import GGUF_QUANTS, ConfigError
-from orpo_dist.console import one_line
-from orpo_dist.exits import guarded
+from orpo_dist.exits import fail, guarded
 from orpo_dist.gguf import find_converter, to_gguf
 from orpo_dist.paths import check_model_out, mark_written
 
@@ -294,8 +293,7 @@ def _export_command(args: argparse.Namespace, formats: list[str]) -> int:
     ) as e:  # no checkpoint, a bad argument, no toolchain, a failed step
         if isinstance(e, ConfigError):
             raise
-        print(f"orpo_dist: export failed: {one_line(str(e))}", file=sys.stderr)
-        return 1
+        return fail(f"export failed: {e}", 1)
     for fmt, path in result.items():
         print(f"{fmt}: {path}")
     return 0
