@@ -100,6 +100,7 @@ class MetricsLog:
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
         self.started = time.perf_counter()
+        self.tokens_trained = 0.0  # every rank's tokens in the windows logged by this process, for the end line
         self.tracker = (
             Tracker(accelerator, cfg) if accelerator.is_main_process and cfg.train.log != "none" else None
         )
@@ -132,7 +133,9 @@ class MetricsLog:
         waited for data, and the given fields), write it."""
         window.add({"data_wait_seconds": torch.tensor(data_wait)})
         row = window.reduce(self.accelerator)
-        row["tokens_per_second"] = row.pop("num_tokens") / max(seconds, 1e-9)
+        tokens = row.pop("num_tokens")
+        self.tokens_trained += tokens
+        row["tokens_per_second"] = tokens / max(seconds, 1e-9)
         if self.flops is not None:  # GPU only
             row["mfu"] = self.flops.mfu(row["tokens_per_second"], self.accelerator.num_processes)
         row.update(

@@ -171,7 +171,7 @@ class Trainer:
             self.log_eval(step=0)
         self.model.train()
         window, t0, stop = MetricWindow(self.beta), time.perf_counter(), False
-        self.started, self.first_step, self.tokens_seen = t0, progress.global_step, 0.0
+        self.started, self.first_step = t0, progress.global_step
         steps = self.loader.steps(progress.epoch, progress.step_in_epoch, progress.global_step)
         with tqdm(total=self.total_steps, initial=progress.global_step, desc="orpo", dynamic_ncols=True,
                   disable=not accelerator.is_main_process) as bar:  # fmt: skip
@@ -183,7 +183,6 @@ class Trainer:
                 if cadence.logs(t, step, self.total_steps, epoch_end):
                     seconds = time.perf_counter() - t0
                     row = self.log_train(window, step, grad_norm, seconds)
-                    self.tokens_seen += row["tokens_per_second"] * seconds
                     bar.set_postfix(loss=f"{row['loss']:.4f}", accuracy=f"{row['rewards/accuracies']:.2f}",
                                     tokens_s=f"{row['tokens_per_second']:.0f}", refresh=False)  # fmt: skip
                     if accelerator.is_main_process:  # one compact line per logged step, as TRL prints them
@@ -284,7 +283,7 @@ class Trainer:
         """Last eval, the final model, exports (rank 0 while the others wait), trackers closed."""
         accelerator, step, t = self.accelerator, self.checkpoints.progress.global_step, self.cfg.train
         seconds = time.perf_counter() - self.started  # training and its evals: not the save / export below
-        if self.checkpoints.last_eval_step != step and self.cfg.train.eval_strategy != "no":
+        if self.checkpoints.last_eval_step != step and t.eval_strategy != "no":
             self.log_eval(step)
         final = self.out / "final"
         self.checkpoints.save_model(self.model, final)
@@ -297,9 +296,8 @@ class Trainer:
         evals = [r["eval_rewards/accuracies"] for r in self.metrics.rows if "eval_rewards/accuracies" in r]
         if len(evals) >= 2:
             self.say(f"held-out preference accuracy: {evals[0]:.3f} before -> {evals[-1]:.3f} after")
-        pairs_per_step = t.batch_size * t.gradient_accumulation * (accelerator.num_processes // t.sequence_parallel_size)
-        self.say(run_log.end_line(seconds, step - self.first_step, pairs_per_step,
-                                  self.tokens_seen, self.metrics.rows))  # fmt: skip
+        self.say(run_log.end_line(seconds, step - self.first_step, self.loader.shards.global_batch,
+                                  self.metrics.tokens_trained, self.metrics.rows))  # fmt: skip
         for line in self.samples.summary(self.metrics.rows):
             self.say(line)
         self.say(f"done: {step} steps; final model in {final}")
